@@ -1,0 +1,330 @@
+"""Content-addressed block store: SHA-256 names, zstd compression, pack files, GC.
+
+Why SHA-256: guests control block contents, so a non-cryptographic name would let a guest
+forge a dedup collision and corrupt another volume's block. xxh3 is used only as the pack
+entry checksum (fast corruption detection on every read).
+
+Pack layout (docs/design/journal-format.md)::
+
+    header 32 B  magic "CDPPACK1" | pack_no u64 | journal uuid 16 B
+    entry  56 B  block id 32 B | raw_len u32 | stored_len u32 | codec u8 | pad 3 | xxh3_64 u64
+           + stored bytes (codec 0 raw, 1 zstd)
+
+Entries are variable-size (raw_len up to 16 MiB), so content-defined chunks fit later.
+Durability: ``put_many`` appends; ``flush`` fsyncs the packs and only then records the new
+blocks in the index, so the index never names a block a crash could lose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import xxhash
+import zstandard
+
+from .errors import BlockCorrupt, BlockMissing
+from .index import BlockLocation, Index
+from .storage import File, Storage
+from .types import BlockId, BlockRef
+
+PACK_MAGIC = b"CDPPACK1"
+PACK_HEADER = struct.Struct("<8sQ16s")
+ENTRY = struct.Struct("<32sIIB3xQ")
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+MAX_BLOCK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    block_id: BlockId
+    raw_len: int
+    codec: int
+    stored: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    blocks: int
+    packs: int
+    pack_bytes: int
+
+
+class BlockStore:
+    def __init__(self, folder: str, storage: Storage, index: Index, journal_uuid: bytes, *,
+                 pack_target: int = 256 * 1024 * 1024, workers: int = 2,
+                 zstd_level: int = 1) -> None:
+        self.folder = folder
+        self.storage = storage
+        self.index = index
+        self.uuid = journal_uuid
+        self.pack_target = pack_target
+        self._zstd_level = zstd_level
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockstore")
+        self._lock = threading.RLock()
+        self._files: dict[int, File] = {}
+        self._pending: dict[bytes, tuple[int, int, int, int]] = {}  # not yet in the index
+        self._pending_sizes: dict[int, int] = {}
+        self._writer: File | None = None
+        self._writer_no = 0
+        storage.makedirs(folder)
+
+    # -- naming and opening -------------------------------------------------------------
+    def _pack_path(self, n: int) -> str:
+        return os.path.join(self.folder, f"{n:08d}.pack")
+
+    def pack_numbers(self) -> list[int]:
+        return sorted(int(n[:8]) for n in self.storage.listdir(self.folder)
+                      if n.endswith(".pack") and n[:8].isdigit())
+
+    def _file(self, n: int) -> File:
+        f = self._files.get(n)
+        if f is None:
+            f = self.storage.open(self._pack_path(n))
+            self._files[n] = f
+        return f
+
+    def recover(self) -> int:
+        """Bring the index up to date with the packs; truncate a torn pack tail.
+
+        Returns the number of torn bytes dropped. Entries past the indexed size are scanned
+        and indexed (they were fsynced but the index commit was lost in a crash).
+        """
+        torn = 0
+        sizes = self.index.pack_sizes()
+        for n in self.pack_numbers():
+            f = self._file(n)
+            start = max(sizes.get(n, PACK_HEADER.size), PACK_HEADER.size)
+            if f.size() < PACK_HEADER.size:
+                torn += f.size()
+                f.truncate(0)
+                f.append([PACK_HEADER.pack(PACK_MAGIC, n, self.uuid)])
+                f.sync()
+                continue
+            rows, end = self._scan(f, start)
+            if end < f.size():
+                torn += f.size() - end
+                f.truncate(end)
+            if rows or n not in sizes:
+                self.index.add_blocks(rows, {n: end})
+        return torn
+
+    def rebuild_index(self) -> None:
+        """Re-derive every block row from the packs (the index's blocks table was dropped)."""
+        for n in self.pack_numbers():
+            f = self._file(n)
+            rows, end = self._scan(f, PACK_HEADER.size)
+            if end < f.size():
+                f.truncate(end)
+            self.index.add_blocks(rows, {n: end})
+
+    def _scan(self, f: File, start: int) -> tuple[list[tuple[bytes, int, int, int, int]], int]:
+        rows = []
+        size = f.size()
+        data = f.pread(size - start, start)
+        pos = 0
+        while start + pos + ENTRY.size <= size:
+            bid, raw_len, stored_len, codec, csum = ENTRY.unpack_from(data, pos)
+            body_end = pos + ENTRY.size + stored_len
+            if (start + body_end > size or raw_len > MAX_BLOCK or codec not in (0, 1)
+                    or xxhash.xxh3_64_intdigest(data[pos + ENTRY.size : body_end]) != csum):
+                break
+            rows.append((bid, self._no(f), start + pos,
+                         stored_len, raw_len))
+            pos = body_end
+        return rows, start + pos
+
+    def _no(self, f: File) -> int:
+        return int(os.path.basename(f.path)[:8])
+
+    # -- writing ------------------------------------------------------------------------
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "c", None)
+        if c is None:
+            c = zstandard.ZstdCompressor(level=self._zstd_level)
+            self._local.c = c
+        return c
+
+    def _prepare(self, data: bytes | memoryview) -> _Prepared:
+        bid = BlockId(hashlib.sha256(data).digest())
+        comp = self._compressor().compress(data)
+        if len(comp) < len(data) - len(data) // 32:
+            return _Prepared(bid, len(data), CODEC_ZSTD, comp)
+        return _Prepared(bid, len(data), CODEC_RAW, bytes(data))
+
+    def put_many(self, chunks: Sequence[bytes | memoryview]) -> list[BlockRef]:
+        """Store chunks (deduplicated); returns refs in order. Durable only after flush()."""
+        prepared = list(self._pool.map(self._prepare, chunks)) if len(chunks) > 1 else [
+            self._prepare(c) for c in chunks]
+        refs: list[BlockRef] = []
+        with self._lock:
+            known = self.index.lookup_blocks(
+                [p.block_id for p in prepared if p.block_id not in self._pending])
+            for p in prepared:
+                loc = self._pending.get(p.block_id)
+                if loc is not None:
+                    refs.append(BlockRef(p.block_id, p.raw_len, loc[0], loc[1]))
+                    continue
+                old = known.get(p.block_id)
+                if old is not None:
+                    refs.append(BlockRef(p.block_id, p.raw_len, old.pack, old.offset))
+                    continue
+                f = self._writable()
+                head = ENTRY.pack(p.block_id, p.raw_len, len(p.stored), p.codec,
+                                  xxhash.xxh3_64_intdigest(p.stored))
+                off = f.append([head, p.stored])
+                self._pending[p.block_id] = (self._writer_no, off, len(p.stored), p.raw_len)
+                self._pending_sizes[self._writer_no] = f.size()
+                refs.append(BlockRef(p.block_id, p.raw_len, self._writer_no, off))
+        return refs
+
+    def _writable(self) -> File:
+        if self._writer is not None and self._writer.size() < self.pack_target:
+            return self._writer
+        nums = self.pack_numbers()
+        n = (nums[-1] + 1) if nums else 1
+        f = self.storage.open(self._pack_path(n), create=True)
+        f.append([PACK_HEADER.pack(PACK_MAGIC, n, self.uuid)])
+        self.storage.sync_dir(self.folder)
+        self._files[n] = f
+        self._writer, self._writer_no = f, n
+        self._pending_sizes[n] = f.size()
+        return f
+
+    def flush(self) -> None:
+        """fsync every pack written since the last flush, then index the new blocks."""
+        with self._lock:
+            if not self._pending_sizes:
+                return
+            for n in self._pending_sizes:
+                self._files[n].sync()
+            rows = [(bid, *loc) for bid, loc in self._pending.items()]
+            self.index.add_blocks(rows, dict(self._pending_sizes))
+            self._pending.clear()
+            self._pending_sizes.clear()
+
+    # -- reading ------------------------------------------------------------------------
+    def get(self, ref: BlockRef) -> bytes:
+        """The block's bytes, checked against the entry checksum; hint first, index second."""
+        data = self._read_at(ref.block_id, ref.pack, ref.pack_offset)
+        if data is None:
+            loc = self.index.lookup_blocks([ref.block_id]).get(ref.block_id)
+            if loc is None:
+                with self._lock:
+                    p = self._pending.get(ref.block_id)
+                if p is None:
+                    raise BlockMissing(ref.block_id)
+                loc = BlockLocation(p[0], p[1], p[2], p[3])
+            data = self._read_at(ref.block_id, loc.pack, loc.offset)
+            if data is None:
+                raise BlockCorrupt(ref.block_id, f"pack {loc.pack}", "entry header does not match")
+        return data
+
+    def _read_at(self, bid: bytes, pack: int, offset: int) -> bytes | None:
+        try:
+            with self._lock:
+                f = self._file(pack)
+        except FileNotFoundError:
+            return None
+        head = f.pread(ENTRY.size, offset)
+        if len(head) < ENTRY.size:
+            return None
+        got_id, raw_len, stored_len, codec, csum = ENTRY.unpack(head)
+        if got_id != bid:
+            return None  # stale hint: the block moved or the pack was rewritten
+        stored = f.pread(stored_len, offset + ENTRY.size)
+        where = f"pack {pack} offset {offset}"
+        if len(stored) != stored_len or xxhash.xxh3_64_intdigest(stored) != csum:
+            raise BlockCorrupt(BlockId(bid), where, "entry checksum mismatch")
+        if codec == CODEC_RAW:
+            return stored
+        try:
+            out = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_len)
+        except zstandard.ZstdError as e:
+            raise BlockCorrupt(BlockId(bid), where, f"zstd: {e}") from e
+        if len(out) != raw_len:
+            raise BlockCorrupt(BlockId(bid), where, "decompressed length mismatch")
+        return out
+
+    def verify(self, ref_id: bytes, data: bytes) -> bool:
+        """Full content-address check (SHA-256), for scrubs; reads use the cheap checksum."""
+        return hashlib.sha256(data).digest() == ref_id
+
+    # -- garbage collection ---------------------------------------------------------------
+    def collect(self, live: set[bytes], *, repack_below: float = 0.5) -> tuple[int, int]:
+        """Reclaim the space of blocks nobody references.
+
+        A pack with no live block is deleted; a pack whose live bytes fall below
+        ``repack_below`` of its size has its live entries copied (still compressed, checksums
+        unchanged) to the current pack, then is deleted. The index always lists exactly the
+        entries of the packs on disk, so a rebuild from packs gives the same table.
+        Returns (blocks dropped, packs removed).
+        """
+        with self._lock:
+            self.flush()
+            by_pack: dict[int, list[tuple[bytes, int, int, int, int]]] = {}
+            for r in self.index.all_blocks():
+                by_pack.setdefault(r[1], []).append(r)
+            cur = self._writer_no if self._writer is not None else None
+            victims: list[int] = []
+            dropped = 0
+            for n in self.pack_numbers():
+                if n == cur:
+                    continue
+                rows = by_pack.get(n, [])
+                keep = [r for r in rows if r[0] in live]
+                size = self._file(n).size()
+                live_bytes = sum(r[3] + ENTRY.size for r in keep)
+                if keep and live_bytes >= repack_below * size:
+                    continue
+                for r in keep:  # copy the entry verbatim into the current pack
+                    raw = self._file(n).pread(ENTRY.size + r[3], r[2])
+                    f = self._writable()
+                    off = f.append([raw])
+                    self._pending[r[0]] = (self._writer_no, off, r[3], r[4])
+                    self._pending_sizes[self._writer_no] = f.size()
+                dropped += len(rows) - len(keep)
+                victims.append(n)
+            if not victims:
+                return 0, 0
+            self.flush_moved()
+            self.index.remove_packs(victims)
+            for n in victims:
+                f0 = self._files.pop(n, None)
+                if f0 is not None:
+                    f0.close()
+                self.storage.remove(self._pack_path(n))
+            self.storage.sync_dir(self.folder)
+            return dropped, len(victims)
+
+    def flush_moved(self) -> None:
+        """Like flush(), but the new locations replace the old rows (blocks were moved)."""
+        with self._lock:
+            for n in self._pending_sizes:
+                self._files[n].sync()
+            rows = [(bid, *loc) for bid, loc in self._pending.items()]
+            self.index.add_blocks(rows, dict(self._pending_sizes), replace=True)
+            self._pending.clear()
+            self._pending_sizes.clear()
+
+    def stats(self) -> StoreStats:
+        nums = self.pack_numbers()
+        with self._lock:
+            size = sum(self._file(n).size() for n in nums)
+        return StoreStats(self.index.block_count(), len(nums), size)
+
+    def close(self) -> None:
+        self.flush()
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+            self._writer = None

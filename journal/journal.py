@@ -1,0 +1,864 @@
+"""The journal of one consistency group: segments + block store + index + version maps.
+
+Write path (the capture source's acknowledgement path): ``write()`` frames the record with its
+data inline and hands it to the OS with one writev; ``sync()`` makes everything appended before
+it durable, many callers sharing one fdatasync (group commit). Hashing, compression and packing
+happen later in ``seal_pending()``, which the daemon runs in a worker thread: it rewrites a
+rolled hot segment as a sealed one whose writes reference blocks, without changing what any
+seq reads. ``apply_retention()`` folds old segments into the base and collects blocks.
+
+The journal starts no threads of its own (the block store's small hashing pool aside); the
+owner decides where background steps run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid as uuidlib
+from array import array
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from . import codec
+from .blockstore import BlockStore
+from .clock import Clock, wall_clock
+from .errors import (
+    JournalClosed,
+    JournalError,
+    NoSuchVolume,
+    PointNotRetained,
+    SegmentCorrupt,
+    StorageError,
+)
+from .index import Index, SegmentEntry
+from .segment import (
+    MAX_SEGMENT,
+    ScanResult,
+    SegmentHeader,
+    SegmentWriter,
+    scan,
+    write_frames,
+)
+from .storage import File, OsStorage, Storage, write_atomic
+from .types import (
+    BlockId,
+    BlockRef,
+    Checkpoint,
+    CheckpointKind,
+    CheckpointRecord,
+    FoldReport,
+    Hold,
+    Record,
+    RecoveryReport,
+    Seq,
+    VolumeRecord,
+    Window,
+    WriteRecord,
+    ZeroRecord,
+)
+from .volmap import BlockCache, Extent, Inline, VolumeMap
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class JournalOptions:
+    segment_size: int = 64 * 1024 * 1024
+    chunk_size: int = 64 * 1024  # block and version-map granularity, aligned to volume offsets
+    pack_target: int = 256 * 1024 * 1024
+    hash_workers: int = 2
+    zstd_level: int = 1
+
+
+@dataclass(slots=True)
+class _Seg:
+    """What the journal knows of one segment (catalog entry in memory)."""
+
+    no: int
+    first_seq: int
+    last_seq: int
+    first_ts: int
+    last_ts: int
+    records: int
+    size: int
+    sealed: bool
+    file: File | None = None
+    inline: list[Extent] = field(default_factory=list)
+    checkpoints: list[tuple[int, int, str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalStatus:
+    window: Window
+    volumes: dict[str, int]
+    segments: int
+    unsealed_segments: int
+    segment_bytes: int
+    pack_bytes: int
+    index_bytes: int
+    last_checkpoint: Checkpoint | None
+    holds: tuple[Hold, ...]
+    recovery: RecoveryReport
+    history_short: bool
+    alerts: tuple[str, ...]
+
+
+class Journal:
+    """Open with ``Journal.open(path)``; close with ``close()`` (which syncs)."""
+
+    def __init__(self, path: str, storage: Storage, clock: Clock, opts: JournalOptions) -> None:
+        self.path = path
+        self.storage = storage
+        self.clock = clock
+        self.opts = opts
+        self._append_lock = threading.RLock()
+        self._map_lock = threading.RLock()
+        self._maint_lock = threading.Lock()
+        self._sync_cv = threading.Condition()
+        self._syncing = False
+        self._durable: tuple[int, int] = (0, 0)
+        self._closed = False
+        self._failed: StorageError | None = None
+        self.uuid = b""
+        self.volumes: dict[str, VolumeMap] = {}
+        self.segs: list[_Seg] = []
+        self._writer: SegmentWriter | None = None
+        self._unsealed: deque[int] = deque()
+        self._ts = array("q")  # journal time of seq base_seq+1+i
+        self.base_seq = 0
+        self.base_ts = 0
+        self.next_seq = 1
+        self.last_ts = 0
+        self.holds: dict[tuple[str, str], Hold] = {}
+        self.history_short = False
+        self.released_holds: list[Hold] = []
+        self.recovery = RecoveryReport(0, 0)
+        self.index: Index
+        self.store: BlockStore
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def seg_dir(self) -> str:
+        return os.path.join(self.path, "segments")
+
+    def _seg_path(self, no: int, sealed: bool) -> str:
+        return os.path.join(self.seg_dir, f"{no:012d}.{'seg' if sealed else 'hot'}")
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(cls, path: str, *, storage: Storage | None = None, clock: Clock = wall_clock,
+             options: JournalOptions | None = None) -> Journal:
+        """Open (creating if needed) and recover: torn tail truncated, index reconciled."""
+        j = cls(path, storage or OsStorage(), clock, options or JournalOptions())
+        j._open()
+        return j
+
+    def _open(self) -> None:
+        st = self.storage
+        st.makedirs(self.path)
+        st.makedirs(self.seg_dir)
+        meta_path = os.path.join(self.path, "journal.meta")
+        if st.exists(meta_path):
+            meta = codec.unpack_obj(st.read_all(meta_path))
+            if meta.get("format") != FORMAT_VERSION:
+                raise JournalError(f"{meta_path}: unsupported journal format {meta.get('format')}")
+            self.uuid = bytes(meta["uuid"])
+            if meta.get("chunk_size", self.opts.chunk_size) != self.opts.chunk_size:
+                self.opts = JournalOptions(**{**_opts_dict(self.opts),
+                                              "chunk_size": meta["chunk_size"]})
+        else:
+            self.uuid = uuidlib.uuid4().bytes
+            write_atomic(st, meta_path, codec.pack_obj(
+                {"format": FORMAT_VERSION, "uuid": self.uuid, "chunk_size": self.opts.chunk_size}))
+        index_path = os.path.join(self.path, "index.sqlite")
+        rebuilt = False
+        try:
+            self.index = Index(index_path)
+            ok = self.index.get_meta("uuid") in (None, self.uuid.hex())
+            ok = ok and self.index.db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        except Exception:  # a damaged index is only a cache: drop it and rebuild
+            ok = False
+        if not ok:
+            self._drop_index_files(index_path)
+            self.index = Index(index_path)
+            rebuilt = True
+        if self.index.get_meta("uuid") is None:
+            rebuilt = rebuilt or bool(self.index.segments()) or False
+            self.index.set_meta("uuid", self.uuid.hex())
+        self.store = BlockStore(os.path.join(self.path, "packs"), st, self.index, self.uuid,
+                                pack_target=self.opts.pack_target,
+                                workers=self.opts.hash_workers, zstd_level=self.opts.zstd_level)
+        pack_torn = self.store.recover()
+        self._load_base()
+        self._load_holds()
+        report = self._recover_segments()
+        self.recovery = RecoveryReport(
+            report.segments, report.records, report.truncated_segment, report.truncated_at,
+            report.truncated_bytes, report.removed_unsealed_duplicates, rebuilt, pack_torn)
+
+    def _drop_index_files(self, index_path: str) -> None:
+        try:
+            self.index.close()
+        except Exception:
+            pass
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(index_path + suffix):
+                os.remove(index_path + suffix)
+
+    def _load_base(self) -> None:
+        p = os.path.join(self.path, "base.manifest")
+        if not self.storage.exists(p):
+            return
+        m = codec.unpack_obj(self.storage.read_all(p))
+        self.base_seq, self.base_ts = int(m["seq"]), int(m["ts"])
+        self.last_ts = self.base_ts
+        for name, v in m["volumes"].items():
+            vm = VolumeMap(name, int(v["size"]), self.opts.chunk_size)
+            vm.base = {int(c): BlockRef(BlockId(r[0]), r[1], r[2], r[3])
+                       for c, r in v["chunks"].items()}
+            self.volumes[name] = vm
+
+    def _load_holds(self) -> None:
+        p = os.path.join(self.path, "holds.msgpack")
+        if self.storage.exists(p):
+            for h in codec.unpack_obj(self.storage.read_all(p)):
+                hold = Hold(h[0], h[1], Seq(h[2]), h[3])
+                self.holds[(hold.kind, hold.name)] = hold
+
+    def _recover_segments(self) -> RecoveryReport:
+        st = self.storage
+        names = st.listdir(self.seg_dir)
+        found: dict[int, set[str]] = {}
+        for n in names:
+            stem, _, ext = n.partition(".")
+            if ext in ("seg", "hot") and stem.isdigit():
+                found.setdefault(int(stem), set()).add(ext)
+            elif ext.endswith("tmp"):
+                st.remove(os.path.join(self.seg_dir, n))  # an unfinished seal or write
+        dup = 0
+        for no, exts in found.items():
+            if exts == {"seg", "hot"}:  # sealed copy is complete (renamed after fsync)
+                st.remove(self._seg_path(no, False))
+                dup += 1
+        if dup:
+            st.sync_dir(self.seg_dir)
+        numbers = sorted(found)
+        indexed = {e.segment_no: e for e in self.index.segments()}
+        truncated: tuple[str | None, int | None, int] = (None, None, 0)
+        records = 0
+        expected = self.base_seq + 1
+        for i, no in enumerate(numbers):
+            sealed = "seg" in found[no]
+            path = self._seg_path(no, sealed)
+            name = os.path.relpath(path, self.path)
+            last = i == len(numbers) - 1
+            f = st.open(path)
+            res = scan(f.pread(f.size(), 0), name, journal_uuid=self.uuid,
+                       tail_allowed=last and not sealed)
+            if res.torn_at is not None:
+                truncated = (name, res.torn_at, f.size() - res.torn_at)
+                f.truncate(res.torn_at)
+            recs = [codec_decode(fr.payload, name, fr.offset) for fr in res.frames]
+            if recs and recs[-1].seq <= self.base_seq:
+                f.close()  # folded already; the crash came before its removal
+                st.remove(path)
+                continue
+            seg = _Seg(no, res.header.first_seq, res.header.first_seq - 1, 0, 0, 0, f.size(),
+                       sealed, None if sealed else f)
+            if res.header.first_seq != expected:
+                raise SegmentCorrupt(name, 0, f"first seq {res.header.first_seq}, "
+                                     f"expected {expected}: a segment is missing")
+            for fr, rec in zip(res.frames, recs, strict=True):
+                if rec.seq != expected:
+                    raise SegmentCorrupt(name, fr.offset, f"seq {rec.seq}, expected {expected}")
+                self._apply(rec, seg, fr.offset + 24)
+                expected += 1
+            records += len(recs)
+            if sealed:
+                f.close()
+            self.segs.append(seg)
+            if not sealed and not last:
+                self._unsealed.append(no)
+            if last and not sealed:
+                f.sync()  # everything that survived is durable from here on
+                self._writer = SegmentWriter(f, res.header, prev_checksum=res.last_checksum,
+                                             synced_upto=min(f.size(), MAX_SEGMENT))
+                self._durable = (no, f.size())
+            elif sealed or not last:
+                ent = _entry(seg)
+                if indexed.get(no) != ent:
+                    self.index.put_segment(ent, seg.checkpoints)
+        for no in indexed:
+            if no not in found:
+                self.index.drop_segments_upto(no, self.base_seq) if no < (
+                    numbers[0] if numbers else 1 << 62) else None
+        self.next_seq = expected
+        return RecoveryReport(len(self.segs), records, truncated[0], truncated[1], truncated[2],
+                              dup)
+
+    def _apply(self, rec: Record, seg: _Seg, payload_off: int) -> None:
+        """Fold one record into the in-memory state (used by open and by append)."""
+        if seg.records == 0:
+            seg.first_ts = rec.ts
+        seg.last_seq, seg.last_ts = rec.seq, rec.ts
+        seg.records += 1
+        self._ts.append(rec.ts)
+        self.last_ts = rec.ts
+        if isinstance(rec, WriteRecord):
+            vm = self._vol(rec.volume)
+            if rec.data is not None:
+                assert seg.file is not None
+                # data starts after the msgpack header and bin prefix, at the payload's end
+                ext = Extent(rec.seq, rec.offset, rec.length,
+                             Inline(seg.file, payload_off + _data_offset(rec)))
+                seg.inline.append(ext)
+            else:
+                ext = Extent(rec.seq, rec.offset, rec.length, rec.refs)
+            vm.add(ext)
+        elif isinstance(rec, ZeroRecord):
+            self._vol(rec.volume).add(Extent(rec.seq, rec.offset, rec.length, None))
+        elif isinstance(rec, VolumeRecord):
+            vm0 = self.volumes.get(rec.volume)
+            if vm0 is None:
+                self.volumes[rec.volume] = VolumeMap(rec.volume, rec.size, self.opts.chunk_size)
+            else:
+                vm0.size = rec.size
+        else:
+            seg.checkpoints.append((rec.seq, rec.ts, rec.name, str(rec.kind)))
+
+    def _vol(self, name: str) -> VolumeMap:
+        vm = self.volumes.get(name)
+        if vm is None:
+            raise NoSuchVolume(name)
+        return vm
+
+    # ------------------------------------------------------------------ append path
+    def _stamp(self) -> tuple[int, int | None]:
+        wall = self.clock()
+        if wall >= self.last_ts:
+            return wall, None
+        return self.last_ts, wall  # the clock stepped back: keep order, record the wall time
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise JournalClosed("the journal is closed")
+        if self._failed is not None:
+            raise JournalClosed(f"the journal stopped after a storage error: {self._failed}")
+
+    def _writer_for(self, nbytes: int) -> SegmentWriter:
+        w = self._writer
+        if w is not None and (w.size() + nbytes <= self.opts.segment_size or w.size() <= 56):
+            return w
+        if w is not None:
+            self._roll(w)
+        no = (self.segs[-1].no + 1) if self.segs else 1
+        f = self.storage.open(self._seg_path(no, False), create=True)
+        w = SegmentWriter.create(f, SegmentHeader(no, self.next_seq, self.uuid, False))
+        self.storage.sync_dir(self.seg_dir)
+        self.segs.append(_Seg(no, self.next_seq, self.next_seq - 1, 0, 0, 0, 0, False, f))
+        self._writer = w
+        return w
+
+    def _roll(self, w: SegmentWriter) -> None:
+        """Close the hot segment: fsync it whole before anything newer exists."""
+        end = w.sync()
+        seg = self.segs[-1]
+        seg.size = end
+        with self._sync_cv:
+            self._durable = max(self._durable, (seg.no, end))
+        self.index.put_segment(_entry(seg), seg.checkpoints)
+        self._unsealed.append(seg.no)
+        self._writer = None
+
+    def _do_append(self, build: _Builder) -> Seq:
+        with self._append_lock:
+            self._check_open()
+            seq = self.next_seq
+            ts, wall = self._stamp()
+            rec, parts = build(Seq(seq), ts, wall)
+            nbytes = sum(len(p) for p in parts) + 24
+            try:
+                w = self._writer_for(nbytes)
+                _, payload_off = w.append(parts)
+            except OSError as e:
+                self._failed = StorageError("append to", self.seg_dir, e)
+                raise self._failed from e
+            self.next_seq = seq + 1
+            seg = self.segs[-1]
+            seg.size = w.size()
+            with self._map_lock:
+                self._apply(rec, seg, payload_off)
+            return Seq(seq)
+
+    def add_volume(self, volume: str, size: int) -> Seq:
+        """Declare a volume (or its new size); writes to unknown volumes are refused."""
+        if not volume or len(volume.encode()) > 255:
+            raise ValueError("volume names are 1..255 bytes")
+        if size <= 0:
+            raise ValueError("volume size must be positive")
+        return self._do_append(lambda s, ts, w: _single(VolumeRecord(s, ts, volume, size, w)))
+
+    def write(self, volume: str, offset: int, data: bytes | memoryview) -> Seq:
+        """Append a write with its data inline; returns once handed to the OS (not durable)."""
+        vm = self._vol(volume)
+        n = len(data)
+        if n == 0 or offset < 0 or offset + n > vm.size:
+            raise ValueError(f"write [{offset}, {offset + n}) outside volume {volume!r} "
+                             f"of {vm.size} bytes")
+
+        def build(s: Seq, ts: int, w: int | None) -> tuple[Record, list[bytes | memoryview]]:
+            head = codec.encode_write_header(s, ts, w, volume, offset, n) + codec.bin_prefix(n)
+            rec = WriteRecord(s, ts, volume, offset, n, b"", (), w)
+            return rec, [head, data]
+
+        return self._do_append(build)
+
+    def zero(self, volume: str, offset: int, length: int, *, trim: bool = False) -> Seq:
+        vm = self._vol(volume)
+        if length <= 0 or offset < 0 or offset + length > vm.size:
+            raise ValueError(f"zero [{offset}, {offset + length}) outside volume {volume!r}")
+        return self._do_append(
+            lambda s, ts, w: _single(ZeroRecord(s, ts, volume, offset, length, trim, w)))
+
+    def checkpoint(self, name: str, kind: CheckpointKind = CheckpointKind.CRASH) -> Seq:
+        if not name or len(name) > 200:
+            raise ValueError("checkpoint names are 1..200 characters")
+        return self._do_append(
+            lambda s, ts, w: _single(CheckpointRecord(s, ts, name, CheckpointKind(kind), w)))
+
+    def sync(self) -> None:
+        """Return once every record appended before this call is on stable storage.
+
+        Group commit: callers that arrive while an fdatasync runs wait for the next one and
+        share it, so N concurrent syncs cost about two fsyncs, not N.
+        """
+        with self._append_lock:
+            self._check_open()
+            w = self._writer
+            if w is None:
+                return
+            target = (self.segs[-1].no, w.size())
+        with self._sync_cv:
+            while self._durable < target:
+                if not self._syncing:
+                    self._syncing = True
+                    break
+                self._sync_cv.wait()
+            else:
+                return
+        done = self._durable
+        try:
+            with self._append_lock:
+                w = self._writer
+                if w is None:  # rolled meanwhile: the roll fsynced it
+                    done = target
+                else:
+                    done = (self.segs[-1].no, w.size())
+            if w is not None:
+                try:
+                    w.file.sync()
+                except OSError as e:
+                    self._failed = StorageError("fdatasync", w.file.path, e)
+                    raise self._failed from e
+                w.synced_upto = min(done[1], MAX_SEGMENT)
+        finally:
+            with self._sync_cv:
+                self._durable = max(self._durable, done)
+                self._syncing = False
+                self._sync_cv.notify_all()
+
+    # ------------------------------------------------------------------ reading
+    def window(self) -> Window:
+        with self._append_lock:
+            last = self.next_seq - 1
+            return Window(Seq(self.base_seq), Seq(last), self.base_ts, self.last_ts)
+
+    def _check_point(self, seq: int) -> None:
+        w = self.window()
+        if not w.first_seq <= seq <= w.last_seq:
+            raise PointNotRetained(f"seq {seq}", w.first_seq, w.last_seq, w.first_ts, w.last_ts)
+
+    def read(self, volume: str, offset: int, length: int, at: int | None = None) -> bytes:
+        """Bytes [offset, offset+length) of a volume as of seq ``at`` (default: latest)."""
+        out = bytearray(length)
+        self.read_into(volume, offset, memoryview(out), at)
+        return bytes(out)
+
+    def read_into(self, volume: str, offset: int, out: memoryview, at: int | None = None,
+                  cache: BlockCache | None = None) -> None:
+        """Like read() into a zeroed buffer; pass one ``cache`` across sequential reads."""
+        at = self.next_seq - 1 if at is None else at
+        self._check_point(at)
+        with self._map_lock:
+            vm = self._vol(volume)
+            if offset < 0 or offset + len(out) > vm.size:
+                raise ValueError(f"read [{offset}, {offset + len(out)}) outside volume "
+                                 f"{volume!r} of {vm.size} bytes")
+            vm.read_into(out, offset, at, cache or BlockCache(self.store.get))
+
+    def volume_size(self, volume: str, at: int | None = None) -> int:
+        return self._vol(volume).size
+
+    def new_cache(self) -> BlockCache:
+        return BlockCache(self.store.get)
+
+    def seq_at_time(self, t_ns: int) -> Seq:
+        """The last seq whose journal time is <= t (journal time never runs backwards)."""
+        with self._append_lock:
+            i = bisect_right(self._ts, t_ns)
+            if t_ns < self.base_ts or (i == 0 and self.base_seq == 0):
+                w = self.window()
+                raise PointNotRetained(f"time {t_ns}", w.first_seq, w.last_seq,
+                                       w.first_ts, w.last_ts)
+            return Seq(self.base_seq + i)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        with self._append_lock:
+            out = []
+            for s in self.segs:
+                out += [Checkpoint(Seq(c[0]), c[1], c[2], CheckpointKind(c[3]))
+                        for c in s.checkpoints]
+            return out
+
+    def find_checkpoint(self, name: str) -> Checkpoint | None:
+        found = [c for c in self.checkpoints() if c.name == name]
+        return found[-1] if found else None
+
+    def records(self, start: int = 1) -> Iterator[Record]:
+        """Every retained record with seq >= start, in seq order, read back from segments."""
+        with self._append_lock:
+            segs = [(s.no, s.sealed, s.last_seq) for s in self.segs if s.last_seq >= start]
+            wr = self._writer
+            limit = self.next_seq
+        for no, sealed, _ in segs:
+            path = self._seg_path(no, sealed)
+            try:
+                buf = self.storage.read_all(path)
+            except FileNotFoundError:  # sealed meanwhile
+                buf = self.storage.read_all(self._seg_path(no, True))
+            name = os.path.relpath(path, self.path)
+            res = scan(buf, name, journal_uuid=self.uuid, tail_allowed=wr is not None)
+            for fr in res.frames:
+                rec = codec_decode(fr.payload, name, fr.offset)
+                if start <= rec.seq < limit:
+                    yield rec
+
+    # ------------------------------------------------------------------ sealing
+    def seal_pending(self, max_segments: int = 1) -> int:
+        """Move the data of rolled hot segments into the block store; returns segments sealed.
+
+        Safe to call from a worker thread while appends continue.
+        """
+        done = 0
+        with self._maint_lock:
+            while done < max_segments:
+                with self._append_lock:
+                    if not self._unsealed:
+                        break
+                    no = self._unsealed[0]
+                    seg = next(s for s in self.segs if s.no == no)
+                self._seal(seg)
+                with self._append_lock:
+                    self._unsealed.popleft()
+                done += 1
+        return done
+
+    def _seal(self, seg: _Seg) -> None:
+        assert seg.file is not None
+        hot_path = self._seg_path(seg.no, False)
+        name = os.path.relpath(hot_path, self.path)
+        res: ScanResult = scan(seg.file.pread(seg.file.size(), 0), name,
+                               journal_uuid=self.uuid, tail_allowed=False)
+        cs = self.opts.chunk_size
+        payloads: list[bytes] = []
+        new_src: list[tuple[BlockRef, ...]] = []
+        for fr in res.frames:
+            rec = codec_decode(fr.payload, name, fr.offset)
+            if isinstance(rec, WriteRecord) and rec.data is not None:
+                data = memoryview(rec.data)
+                pieces = []
+                pos = rec.offset
+                while pos < rec.offset + rec.length:
+                    nxt = min((pos // cs + 1) * cs, rec.offset + rec.length)
+                    pieces.append(data[pos - rec.offset : nxt - rec.offset])
+                    pos = nxt
+                refs = tuple(self.store.put_many(pieces))
+                new_src.append(refs)
+                rec = WriteRecord(rec.seq, rec.ts, rec.volume, rec.offset, rec.length, None,
+                                  refs, rec.wall)
+            payloads.append(codec.encode(rec))
+        self.store.flush()  # blocks durable before anything references them
+        header = SegmentHeader(seg.no, res.header.first_seq, self.uuid, True)
+        sealed_path = self._seg_path(seg.no, True)
+        write_atomic(self.storage, sealed_path, write_frames(header, iter(payloads)))
+        with self._map_lock:
+            for ext, refs in zip(seg.inline, new_src, strict=True):
+                ext.src = refs
+            seg.inline = []
+            seg.sealed = True
+            f, seg.file = seg.file, None
+            seg.size = len(payloads) and self._file_size(sealed_path)
+            f.close()
+        self.storage.remove(hot_path)
+        self.storage.sync_dir(self.seg_dir)
+        self.index.put_segment(_entry(seg), seg.checkpoints)
+
+    def _file_size(self, path: str) -> int:
+        f = self.storage.open(path)
+        try:
+            return f.size()
+        finally:
+            f.close()
+
+    # ------------------------------------------------------------------ holds and retention
+    def set_hold(self, kind: str, name: str, seq: int) -> Hold:
+        """Protect history from ``seq`` on; replaces an existing hold of the same kind+name."""
+        if kind not in ("snapshot", "replica", "export"):
+            raise ValueError(f"unknown hold kind {kind!r}")
+        self._check_point(seq)
+        with self._maint_lock:
+            h = Hold(kind, name, Seq(seq), self.clock())
+            self.holds[(kind, name)] = h
+            self._save_holds()
+            return h
+
+    def release_hold(self, kind: str, name: str) -> None:
+        with self._maint_lock:
+            if self.holds.pop((kind, name), None) is not None:
+                self._save_holds()
+
+    def _save_holds(self) -> None:
+        write_atomic(self.storage, os.path.join(self.path, "holds.msgpack"), codec.pack_obj(
+            [[h.kind, h.name, h.seq, h.created_ts] for h in self.holds.values()]))
+
+    def size_bytes(self) -> int:
+        with self._append_lock:
+            seg_bytes = sum(s.size for s in self.segs)
+        return seg_bytes + self.store.stats().pack_bytes
+
+    def apply_retention(self, *, keep_ns: int, max_bytes: int | None = None,
+                        now_ns: int | None = None) -> FoldReport:
+        """Fold sealed segments older than the window (or beyond the size cap) into the base.
+
+        Never folds past a hold; when the cap is exceeded and only replica holds block, the
+        oldest replica hold is released and reported. Retained points read the same before
+        and after.
+        """
+        now = self.clock() if now_ns is None else now_ns
+        with self._maint_lock:
+            released: list[Hold] = []
+            with self._append_lock:
+                sealed = [s for s in self.segs if s.sealed]
+                # Only a leading run of sealed segments can fold.
+                run = []
+                for s in self.segs:
+                    if not s.sealed:
+                        break
+                    run.append(s)
+            total = self.size_bytes()
+            over = max_bytes is not None and total > max_bytes
+            fold_n = 0
+            freed = 0
+            for i, s in enumerate(run):
+                old = s.last_ts < now - keep_ns
+                if not (old or (over and total - freed > max_bytes)):  # type: ignore[operator]
+                    break
+                if i == len(run) - 1 and len(run) == len(self.segs):
+                    break  # keep the newest segment: it carries the latest state cheaply
+                limit = self._hold_limit()
+                if limit is not None and s.last_seq > limit:
+                    if over and total - freed > max_bytes:  # type: ignore[operator]
+                        h = self._oldest_replica_hold()
+                        if h is not None:
+                            del self.holds[(h.kind, h.name)]
+                            released.append(h)
+                            self._save_holds()
+                            limit = self._hold_limit()
+                    if limit is not None and s.last_seq > limit:
+                        break
+                fold_n = i + 1
+                freed += s.size
+            del sealed
+            if fold_n == 0:
+                short = bool(over)
+                self.history_short = self.history_short or short
+                self.released_holds += released
+                return FoldReport(0, Seq(self.base_seq), 0, 0, 0, tuple(released), short)
+            folded = run[:fold_n]
+            rewritten = self._fold(folded)
+            live = self._live_blocks()
+            blocks, packs = self.store.collect(live)
+            if over or released:
+                self.history_short = True
+            self.released_holds += released
+            return FoldReport(len(folded), Seq(self.base_seq), rewritten, blocks, packs,
+                              tuple(released), self.history_short)
+
+    def _hold_limit(self) -> int | None:
+        return min((h.seq for h in self.holds.values()), default=None)
+
+    def _oldest_replica_hold(self) -> Hold | None:
+        reps = [h for h in self.holds.values() if h.kind == "replica"]
+        return min(reps, key=lambda h: h.seq) if reps else None
+
+    def _fold(self, folded: list[_Seg]) -> int:
+        fold_seq = folded[-1].last_seq
+        fold_ts = folded[-1].last_ts if folded[-1].records else self.base_ts
+        cs = self.opts.chunk_size
+        new_bases: dict[str, dict[int, BlockRef | None]] = {}
+        rewritten = 0
+        with self._map_lock:
+            vols = list(self.volumes.values())
+            touched = {vm.name: sorted({c for c, lst in vm.chunks.items()
+                                        if lst and lst[0].seq <= fold_seq}) for vm in vols}
+        for vm in vols:
+            nb: dict[int, BlockRef | None] = {}
+            cache = self.new_cache()
+            for c in touched[vm.name]:
+                start = c * cs
+                n = min(cs, vm.size - start)
+                if n <= 0:
+                    nb[c] = None
+                    continue
+                buf = bytearray(n)
+                with self._map_lock:
+                    vm.read_into(memoryview(buf), start, fold_seq, cache)
+                if not any(buf):
+                    nb[c] = None
+                else:
+                    nb[c] = self.store.put_many([bytes(buf)])[0]
+                rewritten += 1
+            new_bases[vm.name] = nb
+        self.store.flush()
+        manifest_vols = {}
+        with self._map_lock:
+            for vm in vols:
+                base = dict(vm.base)
+                for c, ref in new_bases[vm.name].items():
+                    if ref is None:
+                        base.pop(c, None)
+                    else:
+                        base[c] = ref
+                manifest_vols[vm.name] = (vm.size, base)
+        write_atomic(self.storage, os.path.join(self.path, "base.manifest"), codec.pack_obj({
+            "seq": fold_seq, "ts": fold_ts,
+            "volumes": {name: {"size": size, "chunks": {
+                c: [r.block_id, r.length, r.pack, r.pack_offset] for c, r in base.items()}}
+                for name, (size, base) in manifest_vols.items()}}))
+        with self._append_lock, self._map_lock:
+            for vm in vols:
+                vm.base = manifest_vols[vm.name][1]
+                vm.drop_upto(fold_seq)
+            drop = fold_seq - self.base_seq
+            del self._ts[:drop]
+            self.base_seq, self.base_ts = fold_seq, fold_ts
+            self.segs = [s for s in self.segs if s.no > folded[-1].no]
+        for s in folded:
+            self.storage.remove(self._seg_path(s.no, True))
+        self.storage.sync_dir(self.seg_dir)
+        self.index.drop_segments_upto(folded[-1].no, fold_seq)
+        return rewritten
+
+    def _live_blocks(self) -> set[bytes]:
+        live: set[bytes] = set()
+        with self._map_lock:
+            for vm in self.volumes.values():
+                live.update(r.block_id for r in vm.base.values())
+                for e in vm.extents():
+                    if isinstance(e.src, tuple):
+                        live.update(r.block_id for r in e.src)
+        return live
+
+    # ------------------------------------------------------------------ index
+    def rebuild_index(self) -> None:
+        """Drop every derived table and re-derive it from segments and packs."""
+        with self._maint_lock, self._append_lock:
+            self.index.clear()
+            self.store.rebuild_index()
+            for s in self.segs:
+                if s.sealed or s.file is not self._current_file():
+                    self.index.put_segment(_entry(s), s.checkpoints)
+            self.index.set_meta("uuid", self.uuid.hex())
+
+    def _current_file(self) -> File | None:
+        return self._writer.file if self._writer is not None else None
+
+    # ------------------------------------------------------------------ status and close
+    def status(self) -> JournalStatus:
+        w = self.window()
+        cps = self.checkpoints()
+        with self._append_lock:
+            seg_bytes = sum(s.size for s in self.segs)
+            nseg, unsealed = len(self.segs), len(self._unsealed)
+            vols = {n: v.size for n, v in self.volumes.items()}
+        alerts = []
+        if self.history_short:
+            alerts.append("history not meeting SLA: the journal size cap shortened history")
+        for h in self.released_holds:
+            alerts.append(f"replica {h.name} hold released at seq {h.seq}: it will resync")
+        if self.recovery.truncated_segment:
+            alerts.append(f"torn tail truncated in {self.recovery.truncated_segment} at "
+                          f"{self.recovery.truncated_at} ({self.recovery.truncated_bytes} bytes)")
+        return JournalStatus(w, vols, nseg, unsealed, seg_bytes, self.store.stats().pack_bytes,
+                             self.index.size_bytes(), cps[-1] if cps else None,
+                             tuple(self.holds.values()), self.recovery, self.history_short,
+                             tuple(alerts))
+
+    def close(self) -> None:
+        """Sync and release everything; unsealed segments stay hot and are sealed next time."""
+        if self._closed:
+            return
+        if self._failed is None:
+            self.sync()
+        with self._append_lock:
+            self._closed = True
+            for s in self.segs:
+                if s.file is not None:
+                    s.file.close()
+                    s.file = None
+        self.store.close()
+        self.index.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------- helpers
+class _Builder:  # typing aid: build(seq, ts, wall) -> (record, payload parts)
+    def __call__(self, s: Seq, ts: int, w: int | None) -> tuple[Record, list[bytes | memoryview]]:
+        raise NotImplementedError
+
+
+def _single(rec: Record) -> tuple[Record, list[bytes | memoryview]]:
+    return rec, [codec.encode(rec)]
+
+
+def _data_offset(rec: WriteRecord) -> int:
+    """Offset of the inline data inside the record's payload."""
+    head = codec.encode_write_header(rec.seq, rec.ts, rec.wall, rec.volume, rec.offset,
+                                     rec.length)
+    return len(head) + len(codec.bin_prefix(rec.length))
+
+
+def codec_decode(payload: memoryview, name: str, offset: int) -> Record:
+    try:
+        return codec.decode(payload)
+    except codec.DecodeError as e:
+        raise SegmentCorrupt(name, offset, str(e)) from e
+
+
+def _entry(s: _Seg) -> SegmentEntry:
+    return SegmentEntry(s.no, s.first_seq, s.last_seq, s.first_ts, s.last_ts, s.records,
+                        s.size, s.sealed)
+
+
+def _opts_dict(o: JournalOptions) -> dict[str, int]:
+    return {"segment_size": o.segment_size, "chunk_size": o.chunk_size,
+            "pack_target": o.pack_target, "hash_workers": o.hash_workers,
+            "zstd_level": o.zstd_level}

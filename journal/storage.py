@@ -1,0 +1,144 @@
+"""The thin file layer every durable byte of the journal goes through.
+
+Why a layer: power loss does not behave like kill -9. Tests swap ``OsStorage`` for
+``tests.journal.faulty_storage.FaultyStorage``, which keeps what was written but not yet
+fsynced in a volatile cache and, at a simulated crash, drops, tears or reorders it. The
+journal's recovery rule is tested against every such crash image.
+
+Semantics the journal relies on (and nothing more):
+- ``File.append`` hands bytes to the OS (survives kill -9, not power loss).
+- ``File.sync`` makes the file's data durable (fdatasync).
+- ``Storage.sync_dir`` makes creations, renames and removals in a folder durable.
+- ``Storage.replace`` is an atomic rename.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class File(Protocol):
+    path: str
+
+    def append(self, parts: Sequence[bytes | memoryview]) -> int:
+        """Write parts at the end of the file; return the offset they start at."""
+
+    def pread(self, size: int, offset: int) -> bytes: ...
+
+    def size(self) -> int: ...
+
+    def sync(self) -> None: ...
+
+    def truncate(self, size: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Storage(Protocol):
+    def open(self, path: str, *, create: bool = False) -> File:
+        """Open for reading and appending; ``create`` makes a new empty file (must not exist)."""
+
+    def read_all(self, path: str) -> bytes: ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def listdir(self, path: str) -> list[str]: ...
+
+    def makedirs(self, path: str) -> None: ...
+
+    def replace(self, src: str, dst: str) -> None: ...
+
+    def remove(self, path: str) -> None: ...
+
+    def sync_dir(self, path: str) -> None: ...
+
+
+class OsFile:
+    """A file opened O_RDWR|O_APPEND; appends go out with one writev (no user-space buffer)."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
+
+    def append(self, parts: Sequence[bytes | memoryview]) -> int:
+        start = self._size
+        total = sum(len(p) for p in parts)
+        written = os.writev(self._fd, parts)
+        while written < total:  # short writes are legal; finish the rest
+            flat = b"".join(bytes(p) for p in parts)[written:]
+            written += os.write(self._fd, flat)
+        self._size += total
+        return start
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def size(self) -> int:
+        return self._size
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+        os.fsync(self._fd)
+        self._size = size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class OsStorage:
+    """The real thing."""
+
+    def open(self, path: str, *, create: bool = False) -> OsFile:
+        flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        return OsFile(path, os.open(path, flags, 0o640))
+
+    def read_all(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return sorted(os.listdir(path))
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, mode=0o750, exist_ok=True)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def remove(self, path: str) -> None:
+        os.remove(path)
+
+    def sync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(storage: Storage, path: str, data: bytes) -> None:
+    """tmp, write, fsync, rename, fsync(dir): the file is either old or new after any crash."""
+    tmp = path + ".tmp"
+    if storage.exists(tmp):
+        storage.remove(tmp)
+    f = storage.open(tmp, create=True)
+    try:
+        f.append([data])
+        f.sync()
+    finally:
+        f.close()
+    storage.replace(tmp, path)
+    storage.sync_dir(os.path.dirname(path) or ".")

@@ -1,0 +1,143 @@
+"""Records and small value types shared by the journal's modules.
+
+Every record has a ``seq`` (gap-free per journal, the only truth for ordering) and a ``ts``:
+the journal time in ns, which never runs backwards. ``wall`` is set only when the wall clock
+read at append time was behind ``ts`` (a clock step back), so the step is recorded, not obeyed.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NewType
+
+Seq = NewType("Seq", int)
+BlockId = NewType("BlockId", bytes)  # SHA-256 of the uncompressed block, 32 bytes
+
+
+class CheckpointKind(enum.StrEnum):
+    CRASH = "crash"
+    APP = "app"
+    USER = "user"
+    ANOMALY = "anomaly"
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRef:
+    """A piece of a write's data held in the block store.
+
+    ``pack``/``pack_offset`` are a location hint written at seal time; the block store
+    checks the hint against the id and falls back to its index when the block has moved.
+    """
+
+    block_id: BlockId
+    length: int
+    pack: int
+    pack_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRecord:
+    seq: Seq
+    ts: int
+    volume: str
+    offset: int
+    length: int
+    data: bytes | None  # inline data (hot segment), or None when ``refs`` holds it
+    refs: tuple[BlockRef, ...] = ()
+    wall: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroRecord:
+    """A range that reads as zeros from this seq on; ``trim`` says the guest discarded it."""
+
+    seq: Seq
+    ts: int
+    volume: str
+    offset: int
+    length: int
+    trim: bool = False
+    wall: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    seq: Seq
+    ts: int
+    name: str
+    kind: CheckpointKind
+    wall: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRecord:
+    """Declares a volume (or a new size) in this journal's consistency group."""
+
+    seq: Seq
+    ts: int
+    volume: str
+    size: int
+    wall: int | None = None
+
+
+Record = WriteRecord | ZeroRecord | CheckpointRecord | VolumeRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    seq: Seq
+    ts: int
+    name: str
+    kind: CheckpointKind
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Something that needs history from ``seq`` on: folding never crosses it.
+
+    kind is "snapshot", "replica" or "export"; when the size cap is reached and only holds
+    block folding, the oldest replica hold is released (that replica resyncs changed blocks).
+    """
+
+    kind: str
+    name: str
+    seq: Seq
+    created_ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The retained history: any seq in [first_seq, last_seq] can be read exactly."""
+
+    first_seq: Seq
+    last_seq: Seq
+    first_ts: int
+    last_ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What open() found and did; shown in status so a truncation is never silent."""
+
+    segments: int
+    records: int
+    truncated_segment: str | None = None
+    truncated_at: int | None = None
+    truncated_bytes: int = 0
+    removed_unsealed_duplicates: int = 0
+    index_rebuilt: bool = False
+    pack_bytes_truncated: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FoldReport:
+    """Result of one retention pass."""
+
+    folded_segments: int
+    base_seq: Seq
+    chunks_rewritten: int
+    blocks_collected: int
+    packs_removed: int
+    released_holds: tuple[Hold, ...] = ()
+    history_short: bool = False
