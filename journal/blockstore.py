@@ -57,9 +57,17 @@ class StoreStats:
 
 
 class BlockStore:
-    def __init__(self, folder: str, storage: Storage, index: Index, journal_uuid: bytes, *,
-                 pack_target: int = 256 * 1024 * 1024, workers: int = 2,
-                 zstd_level: int = 1) -> None:
+    def __init__(
+        self,
+        folder: str,
+        storage: Storage,
+        index: Index,
+        journal_uuid: bytes,
+        *,
+        pack_target: int = 256 * 1024 * 1024,
+        workers: int = 2,
+        zstd_level: int = 1,
+    ) -> None:
         self.folder = folder
         self.storage = storage
         self.index = index
@@ -81,8 +89,11 @@ class BlockStore:
         return os.path.join(self.folder, f"{n:08d}.pack")
 
     def pack_numbers(self) -> list[int]:
-        return sorted(int(n[:8]) for n in self.storage.listdir(self.folder)
-                      if n.endswith(".pack") and n[:8].isdigit())
+        return sorted(
+            int(n[:8])
+            for n in self.storage.listdir(self.folder)
+            if n.endswith(".pack") and n[:8].isdigit()
+        )
 
     def _file(self, n: int) -> File:
         f = self._files.get(n)
@@ -133,11 +144,14 @@ class BlockStore:
         while start + pos + ENTRY.size <= size:
             bid, raw_len, stored_len, codec, csum = ENTRY.unpack_from(data, pos)
             body_end = pos + ENTRY.size + stored_len
-            if (start + body_end > size or raw_len > MAX_BLOCK or codec not in (0, 1)
-                    or xxhash.xxh3_64_intdigest(data[pos + ENTRY.size : body_end]) != csum):
+            if (
+                start + body_end > size
+                or raw_len > MAX_BLOCK
+                or codec not in (0, 1)
+                or xxhash.xxh3_64_intdigest(data[pos + ENTRY.size : body_end]) != csum
+            ):
                 break
-            rows.append((bid, self._no(f), start + pos,
-                         stored_len, raw_len))
+            rows.append((bid, self._no(f), start + pos, stored_len, raw_len))
             pos = body_end
         return rows, start + pos
 
@@ -161,12 +175,16 @@ class BlockStore:
 
     def put_many(self, chunks: Sequence[bytes | memoryview]) -> list[BlockRef]:
         """Store chunks (deduplicated); returns refs in order. Durable only after flush()."""
-        prepared = list(self._pool.map(self._prepare, chunks)) if len(chunks) > 1 else [
-            self._prepare(c) for c in chunks]
+        prepared = (
+            list(self._pool.map(self._prepare, chunks))
+            if len(chunks) > 1
+            else [self._prepare(c) for c in chunks]
+        )
         refs: list[BlockRef] = []
         with self._lock:
             known = self.index.lookup_blocks(
-                [p.block_id for p in prepared if p.block_id not in self._pending])
+                [p.block_id for p in prepared if p.block_id not in self._pending]
+            )
             for p in prepared:
                 loc = self._pending.get(p.block_id)
                 if loc is not None:
@@ -177,8 +195,13 @@ class BlockStore:
                     refs.append(BlockRef(p.block_id, p.raw_len, old.pack, old.offset))
                     continue
                 f = self._writable()
-                head = ENTRY.pack(p.block_id, p.raw_len, len(p.stored), p.codec,
-                                  xxhash.xxh3_64_intdigest(p.stored))
+                head = ENTRY.pack(
+                    p.block_id,
+                    p.raw_len,
+                    len(p.stored),
+                    p.codec,
+                    xxhash.xxh3_64_intdigest(p.stored),
+                )
                 off = f.append([head, p.stored])
                 self._pending[p.block_id] = (self._writer_no, off, len(p.stored), p.raw_len)
                 self._pending_sizes[self._writer_no] = f.size()

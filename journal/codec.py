@@ -32,6 +32,10 @@ class DecodeError(ValueError):
 
 def encode(rec: Record) -> bytes:
     """Serialize a record; inline data goes in as one msgpack bin (no per-byte work)."""
+    return bytes(_encode(rec))
+
+
+def _encode(rec: Record) -> Any:
     if isinstance(rec, WriteRecord):
         if rec.data is not None:
             body: Any = rec.data
@@ -49,8 +53,9 @@ def encode(rec: Record) -> bytes:
     return msgpack.packb([T_VOLUME, rec.seq, rec.ts, rec.wall, rec.volume, rec.size])
 
 
-def encode_write_header(seq: int, ts: int, wall: int | None, volume: str, offset: int,
-                        length: int) -> bytes:
+def encode_write_header(
+    seq: int, ts: int, wall: int | None, volume: str, offset: int, length: int
+) -> bytes:
     """The msgpack bytes of a write record up to (not including) its data bin.
 
     Lets the hot path frame a write without copying the data into a packed buffer: the frame
@@ -118,7 +123,7 @@ def decode(payload: bytes | memoryview) -> Record:
 
 def pack_obj(obj: Any) -> bytes:
     """msgpack for small metadata files (manifests, holds)."""
-    return msgpack.packb(obj, use_bin_type=True)
+    return bytes(msgpack.packb(obj, use_bin_type=True))
 
 
 def unpack_obj(data: bytes) -> Any:

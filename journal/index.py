@@ -57,25 +57,33 @@ class Index:
     def _create(self) -> None:
         db = self.db
         if "meta" not in db.table_names():
-            db["meta"].create({"key": str, "value": str}, pk="key")
+            db.table("meta").create({"key": str, "value": str}, pk="key")
         if "segments" not in db.table_names():
-            db["segments"].create(
-                {"segment_no": int, "first_seq": int, "last_seq": int, "first_ts": int,
-                 "last_ts": int, "records": int, "size": int, "sealed": int},
+            db.table("segments").create(
+                {
+                    "segment_no": int,
+                    "first_seq": int,
+                    "last_seq": int,
+                    "first_ts": int,
+                    "last_ts": int,
+                    "records": int,
+                    "size": int,
+                    "sealed": int,
+                },
                 pk="segment_no",
             )
         if "checkpoints" not in db.table_names():
-            db["checkpoints"].create(
+            db.table("checkpoints").create(
                 {"seq": int, "ts": int, "name": str, "kind": str}, pk="seq"
             )
-            db["checkpoints"].create_index(["name"])
+            db.table("checkpoints").create_index(["name"])
         if "blocks" not in db.table_names():
             db.execute(
                 "CREATE TABLE blocks (id BLOB PRIMARY KEY, pack INTEGER, offset INTEGER,"
                 " stored_len INTEGER, raw_len INTEGER) WITHOUT ROWID"
             )
         if "packs" not in db.table_names():
-            db["packs"].create({"pack_no": int, "indexed_size": int}, pk="pack_no")
+            db.table("packs").create({"pack_no": int, "indexed_size": int}, pk="pack_no")
 
     # -- meta ---------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -88,13 +96,23 @@ class Index:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
 
     # -- segments and checkpoints --------------------------------------------------------
-    def put_segment(self, e: SegmentEntry, checkpoints: Iterable[tuple[int, int, str, str]]) -> None:
+    def put_segment(
+        self, e: SegmentEntry, checkpoints: Iterable[tuple[int, int, str, str]]
+    ) -> None:
         with self._lock:
             self.db.execute("BEGIN")
             self.db.execute(
                 "INSERT OR REPLACE INTO segments VALUES (?,?,?,?,?,?,?,?)",
-                [e.segment_no, e.first_seq, e.last_seq, e.first_ts, e.last_ts, e.records,
-                 e.size, int(e.sealed)],
+                [
+                    e.segment_no,
+                    e.first_seq,
+                    e.last_seq,
+                    e.first_ts,
+                    e.last_ts,
+                    e.records,
+                    e.size,
+                    int(e.sealed),
+                ],
             )
             self.db.conn.executemany(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)", list(checkpoints)
@@ -115,8 +133,9 @@ class Index:
 
     def put_checkpoint(self, seq: int, ts: int, name: str, kind: str) -> None:
         with self._lock:
-            self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)",
-                            [seq, ts, name, kind])
+            self.db.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)", [seq, ts, name, kind]
+            )
 
     def checkpoints(self) -> list[tuple[int, int, str, str]]:
         with self._lock:
@@ -128,7 +147,9 @@ class Index:
         with self._lock:
             row = self.db.execute(
                 "SELECT segment_no FROM segments WHERE first_ts <= ? ORDER BY segment_no DESC"
-                " LIMIT 1", [t_ns]).fetchone()
+                " LIMIT 1",
+                [t_ns],
+            ).fetchone()
         return None if row is None else int(row[0])
 
     # -- blocks --------------------------------------------------------------------------
@@ -137,19 +158,26 @@ class Index:
         with self._lock:
             for i in range(0, len(ids), 500):
                 part = ids[i : i + 500]
-                q = "SELECT * FROM blocks WHERE id IN (%s)" % ",".join("?" * len(part))
+                marks = ",".join("?" * len(part))
+                q = f"SELECT * FROM blocks WHERE id IN ({marks})"
                 for r in self.db.execute(q, part).fetchall():
                     out[bytes(r[0])] = BlockLocation(r[1], r[2], r[3], r[4])
         return out
 
-    def add_blocks(self, rows: list[tuple[bytes, int, int, int, int]],
-                   pack_sizes: dict[int, int], *, replace: bool = False) -> None:
+    def add_blocks(
+        self,
+        rows: list[tuple[bytes, int, int, int, int]],
+        pack_sizes: dict[int, int],
+        *,
+        replace: bool = False,
+    ) -> None:
         verb = "REPLACE" if replace else "IGNORE"
         with self._lock:
             self.db.execute("BEGIN")
             self.db.conn.executemany(f"INSERT OR {verb} INTO blocks VALUES (?,?,?,?,?)", rows)
-            self.db.conn.executemany("INSERT OR REPLACE INTO packs VALUES (?,?)",
-                                     list(pack_sizes.items()))
+            self.db.conn.executemany(
+                "INSERT OR REPLACE INTO packs VALUES (?,?)", list(pack_sizes.items())
+            )
             self.db.execute("COMMIT")
 
     def pack_sizes(self) -> dict[int, int]:
@@ -186,8 +214,12 @@ class Index:
         """Canonical content of every derived table, for rebuild-identical checks."""
         out: dict[str, list[Any]] = {}
         with self._lock:
-            for t, order in (("segments", "segment_no"), ("checkpoints", "seq"),
-                             ("blocks", "id"), ("packs", "pack_no")):
+            for t, order in (
+                ("segments", "segment_no"),
+                ("checkpoints", "seq"),
+                ("blocks", "id"),
+                ("packs", "pack_no"),
+            ):
                 out[t] = [tuple(r) for r in self.db.execute(f"SELECT * FROM {t} ORDER BY {order}")]
         return out
 

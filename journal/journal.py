@@ -13,13 +13,14 @@ owner decides where background steps run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid as uuidlib
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import codec
@@ -149,8 +150,14 @@ class Journal:
 
     # ------------------------------------------------------------------ open
     @classmethod
-    def open(cls, path: str, *, storage: Storage | None = None, clock: Clock = wall_clock,
-             options: JournalOptions | None = None) -> Journal:
+    def open(
+        cls,
+        path: str,
+        *,
+        storage: Storage | None = None,
+        clock: Clock = wall_clock,
+        options: JournalOptions | None = None,
+    ) -> Journal:
         """Open (creating if needed) and recover: torn tail truncated, index reconciled."""
         j = cls(path, storage or OsStorage(), clock, options or JournalOptions())
         j._open()
@@ -167,12 +174,22 @@ class Journal:
                 raise JournalError(f"{meta_path}: unsupported journal format {meta.get('format')}")
             self.uuid = bytes(meta["uuid"])
             if meta.get("chunk_size", self.opts.chunk_size) != self.opts.chunk_size:
-                self.opts = JournalOptions(**{**_opts_dict(self.opts),
-                                              "chunk_size": meta["chunk_size"]})
+                self.opts = JournalOptions(
+                    **{**_opts_dict(self.opts), "chunk_size": meta["chunk_size"]}
+                )
         else:
             self.uuid = uuidlib.uuid4().bytes
-            write_atomic(st, meta_path, codec.pack_obj(
-                {"format": FORMAT_VERSION, "uuid": self.uuid, "chunk_size": self.opts.chunk_size}))
+            write_atomic(
+                st,
+                meta_path,
+                codec.pack_obj(
+                    {
+                        "format": FORMAT_VERSION,
+                        "uuid": self.uuid,
+                        "chunk_size": self.opts.chunk_size,
+                    }
+                ),
+            )
         index_path = os.path.join(self.path, "index.sqlite")
         rebuilt = False
         try:
@@ -188,22 +205,33 @@ class Journal:
         if self.index.get_meta("uuid") is None:
             rebuilt = rebuilt or bool(self.index.segments()) or False
             self.index.set_meta("uuid", self.uuid.hex())
-        self.store = BlockStore(os.path.join(self.path, "packs"), st, self.index, self.uuid,
-                                pack_target=self.opts.pack_target,
-                                workers=self.opts.hash_workers, zstd_level=self.opts.zstd_level)
+        self.store = BlockStore(
+            os.path.join(self.path, "packs"),
+            st,
+            self.index,
+            self.uuid,
+            pack_target=self.opts.pack_target,
+            workers=self.opts.hash_workers,
+            zstd_level=self.opts.zstd_level,
+        )
         pack_torn = self.store.recover()
         self._load_base()
         self._load_holds()
         report = self._recover_segments()
         self.recovery = RecoveryReport(
-            report.segments, report.records, report.truncated_segment, report.truncated_at,
-            report.truncated_bytes, report.removed_unsealed_duplicates, rebuilt, pack_torn)
+            report.segments,
+            report.records,
+            report.truncated_segment,
+            report.truncated_at,
+            report.truncated_bytes,
+            report.removed_unsealed_duplicates,
+            rebuilt,
+            pack_torn,
+        )
 
     def _drop_index_files(self, index_path: str) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.index.close()
-        except Exception:
-            pass
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(index_path + suffix):
                 os.remove(index_path + suffix)
@@ -217,8 +245,9 @@ class Journal:
         self.last_ts = self.base_ts
         for name, v in m["volumes"].items():
             vm = VolumeMap(name, int(v["size"]), self.opts.chunk_size)
-            vm.base = {int(c): BlockRef(BlockId(r[0]), r[1], r[2], r[3])
-                       for c, r in v["chunks"].items()}
+            vm.base = {
+                int(c): BlockRef(BlockId(r[0]), r[1], r[2], r[3]) for c, r in v["chunks"].items()
+            }
             self.volumes[name] = vm
 
     def _load_holds(self) -> None:
@@ -256,8 +285,9 @@ class Journal:
             name = os.path.relpath(path, self.path)
             last = i == len(numbers) - 1
             f = st.open(path)
-            res = scan(f.pread(f.size(), 0), name, journal_uuid=self.uuid,
-                       tail_allowed=last and not sealed)
+            res = scan(
+                f.pread(f.size(), 0), name, journal_uuid=self.uuid, tail_allowed=last and not sealed
+            )
             if res.torn_at is not None:
                 truncated = (name, res.torn_at, f.size() - res.torn_at)
                 f.truncate(res.torn_at)
@@ -266,11 +296,23 @@ class Journal:
                 f.close()  # folded already; the crash came before its removal
                 st.remove(path)
                 continue
-            seg = _Seg(no, res.header.first_seq, res.header.first_seq - 1, 0, 0, 0, f.size(),
-                       sealed, None if sealed else f)
+            seg = _Seg(
+                no,
+                res.header.first_seq,
+                res.header.first_seq - 1,
+                0,
+                0,
+                0,
+                f.size(),
+                sealed,
+                None if sealed else f,
+            )
             if res.header.first_seq != expected:
-                raise SegmentCorrupt(name, 0, f"first seq {res.header.first_seq}, "
-                                     f"expected {expected}: a segment is missing")
+                raise SegmentCorrupt(
+                    name,
+                    0,
+                    f"first seq {res.header.first_seq}, expected {expected}: a segment is missing",
+                )
             for fr, rec in zip(res.frames, recs, strict=True):
                 if rec.seq != expected:
                     raise SegmentCorrupt(name, fr.offset, f"seq {rec.seq}, expected {expected}")
@@ -284,8 +326,12 @@ class Journal:
                 self._unsealed.append(no)
             if last and not sealed:
                 f.sync()  # everything that survived is durable from here on
-                self._writer = SegmentWriter(f, res.header, prev_checksum=res.last_checksum,
-                                             synced_upto=min(f.size(), MAX_SEGMENT))
+                self._writer = SegmentWriter(
+                    f,
+                    res.header,
+                    prev_checksum=res.last_checksum,
+                    synced_upto=min(f.size(), MAX_SEGMENT),
+                )
                 self._durable = (no, f.size())
             elif sealed or not last:
                 ent = _entry(seg)
@@ -294,10 +340,12 @@ class Journal:
         for no in indexed:
             if no not in found:
                 self.index.drop_segments_upto(no, self.base_seq) if no < (
-                    numbers[0] if numbers else 1 << 62) else None
+                    numbers[0] if numbers else 1 << 62
+                ) else None
         self.next_seq = expected
-        return RecoveryReport(len(self.segs), records, truncated[0], truncated[1], truncated[2],
-                              dup)
+        return RecoveryReport(
+            len(self.segs), records, truncated[0], truncated[1], truncated[2], dup
+        )
 
     def _apply(self, rec: Record, seg: _Seg, payload_off: int) -> None:
         """Fold one record into the in-memory state (used by open and by append)."""
@@ -312,8 +360,12 @@ class Journal:
             if rec.data is not None:
                 assert seg.file is not None
                 # data starts after the msgpack header and bin prefix, at the payload's end
-                ext = Extent(rec.seq, rec.offset, rec.length,
-                             Inline(seg.file, payload_off + _data_offset(rec)))
+                ext = Extent(
+                    rec.seq,
+                    rec.offset,
+                    rec.length,
+                    Inline(seg.file, payload_off + _data_offset(rec)),
+                )
                 seg.inline.append(ext)
             else:
                 ext = Extent(rec.seq, rec.offset, rec.length, rec.refs)
@@ -406,8 +458,9 @@ class Journal:
         vm = self._vol(volume)
         n = len(data)
         if n == 0 or offset < 0 or offset + n > vm.size:
-            raise ValueError(f"write [{offset}, {offset + n}) outside volume {volume!r} "
-                             f"of {vm.size} bytes")
+            raise ValueError(
+                f"write [{offset}, {offset + n}) outside volume {volume!r} of {vm.size} bytes"
+            )
 
         def build(s: Seq, ts: int, w: int | None) -> tuple[Record, list[bytes | memoryview]]:
             head = codec.encode_write_header(s, ts, w, volume, offset, n) + codec.bin_prefix(n)
@@ -421,13 +474,15 @@ class Journal:
         if length <= 0 or offset < 0 or offset + length > vm.size:
             raise ValueError(f"zero [{offset}, {offset + length}) outside volume {volume!r}")
         return self._do_append(
-            lambda s, ts, w: _single(ZeroRecord(s, ts, volume, offset, length, trim, w)))
+            lambda s, ts, w: _single(ZeroRecord(s, ts, volume, offset, length, trim, w))
+        )
 
     def checkpoint(self, name: str, kind: CheckpointKind = CheckpointKind.CRASH) -> Seq:
         if not name or len(name) > 200:
             raise ValueError("checkpoint names are 1..200 characters")
         return self._do_append(
-            lambda s, ts, w: _single(CheckpointRecord(s, ts, name, CheckpointKind(kind), w)))
+            lambda s, ts, w: _single(CheckpointRecord(s, ts, name, CheckpointKind(kind), w))
+        )
 
     def sync(self) -> None:
         """Return once every record appended before this call is on stable storage.
@@ -453,10 +508,8 @@ class Journal:
         try:
             with self._append_lock:
                 w = self._writer
-                if w is None:  # rolled meanwhile: the roll fsynced it
-                    done = target
-                else:
-                    done = (self.segs[-1].no, w.size())
+                # rolled meanwhile? then the roll fsynced it
+                done = target if w is None else (self.segs[-1].no, w.size())
             if w is not None:
                 try:
                     w.file.sync()
@@ -487,16 +540,24 @@ class Journal:
         self.read_into(volume, offset, memoryview(out), at)
         return bytes(out)
 
-    def read_into(self, volume: str, offset: int, out: memoryview, at: int | None = None,
-                  cache: BlockCache | None = None) -> None:
+    def read_into(
+        self,
+        volume: str,
+        offset: int,
+        out: memoryview,
+        at: int | None = None,
+        cache: BlockCache | None = None,
+    ) -> None:
         """Like read() into a zeroed buffer; pass one ``cache`` across sequential reads."""
         at = self.next_seq - 1 if at is None else at
         self._check_point(at)
         with self._map_lock:
             vm = self._vol(volume)
             if offset < 0 or offset + len(out) > vm.size:
-                raise ValueError(f"read [{offset}, {offset + len(out)}) outside volume "
-                                 f"{volume!r} of {vm.size} bytes")
+                raise ValueError(
+                    f"read [{offset}, {offset + len(out)}) outside volume "
+                    f"{volume!r} of {vm.size} bytes"
+                )
             vm.read_into(out, offset, at, cache or BlockCache(self.store.get))
 
     def volume_size(self, volume: str, at: int | None = None) -> int:
@@ -511,16 +572,18 @@ class Journal:
             i = bisect_right(self._ts, t_ns)
             if t_ns < self.base_ts or (i == 0 and self.base_seq == 0):
                 w = self.window()
-                raise PointNotRetained(f"time {t_ns}", w.first_seq, w.last_seq,
-                                       w.first_ts, w.last_ts)
+                raise PointNotRetained(
+                    f"time {t_ns}", w.first_seq, w.last_seq, w.first_ts, w.last_ts
+                )
             return Seq(self.base_seq + i)
 
     def checkpoints(self) -> list[Checkpoint]:
         with self._append_lock:
             out = []
             for s in self.segs:
-                out += [Checkpoint(Seq(c[0]), c[1], c[2], CheckpointKind(c[3]))
-                        for c in s.checkpoints]
+                out += [
+                    Checkpoint(Seq(c[0]), c[1], c[2], CheckpointKind(c[3])) for c in s.checkpoints
+                ]
             return out
 
     def find_checkpoint(self, name: str) -> Checkpoint | None:
@@ -570,8 +633,9 @@ class Journal:
         assert seg.file is not None
         hot_path = self._seg_path(seg.no, False)
         name = os.path.relpath(hot_path, self.path)
-        res: ScanResult = scan(seg.file.pread(seg.file.size(), 0), name,
-                               journal_uuid=self.uuid, tail_allowed=False)
+        res: ScanResult = scan(
+            seg.file.pread(seg.file.size(), 0), name, journal_uuid=self.uuid, tail_allowed=False
+        )
         cs = self.opts.chunk_size
         payloads: list[bytes] = []
         new_src: list[tuple[BlockRef, ...]] = []
@@ -587,8 +651,9 @@ class Journal:
                     pos = nxt
                 refs = tuple(self.store.put_many(pieces))
                 new_src.append(refs)
-                rec = WriteRecord(rec.seq, rec.ts, rec.volume, rec.offset, rec.length, None,
-                                  refs, rec.wall)
+                rec = WriteRecord(
+                    rec.seq, rec.ts, rec.volume, rec.offset, rec.length, None, refs, rec.wall
+                )
             payloads.append(codec.encode(rec))
         self.store.flush()  # blocks durable before anything references them
         header = SegmentHeader(seg.no, res.header.first_seq, self.uuid, True)
@@ -631,16 +696,20 @@ class Journal:
                 self._save_holds()
 
     def _save_holds(self) -> None:
-        write_atomic(self.storage, os.path.join(self.path, "holds.msgpack"), codec.pack_obj(
-            [[h.kind, h.name, h.seq, h.created_ts] for h in self.holds.values()]))
+        write_atomic(
+            self.storage,
+            os.path.join(self.path, "holds.msgpack"),
+            codec.pack_obj([[h.kind, h.name, h.seq, h.created_ts] for h in self.holds.values()]),
+        )
 
     def size_bytes(self) -> int:
         with self._append_lock:
             seg_bytes = sum(s.size for s in self.segs)
         return seg_bytes + self.store.stats().pack_bytes
 
-    def apply_retention(self, *, keep_ns: int, max_bytes: int | None = None,
-                        now_ns: int | None = None) -> FoldReport:
+    def apply_retention(
+        self, *, keep_ns: int, max_bytes: int | None = None, now_ns: int | None = None
+    ) -> FoldReport:
         """Fold sealed segments older than the window (or beyond the size cap) into the base.
 
         Never folds past a hold; when the cap is exceeded and only replica holds block, the
@@ -694,8 +763,15 @@ class Journal:
             if over or released:
                 self.history_short = True
             self.released_holds += released
-            return FoldReport(len(folded), Seq(self.base_seq), rewritten, blocks, packs,
-                              tuple(released), self.history_short)
+            return FoldReport(
+                len(folded),
+                Seq(self.base_seq),
+                rewritten,
+                blocks,
+                packs,
+                tuple(released),
+                self.history_short,
+            )
 
     def _hold_limit(self) -> int | None:
         return min((h.seq for h in self.holds.values()), default=None)
@@ -712,8 +788,12 @@ class Journal:
         rewritten = 0
         with self._map_lock:
             vols = list(self.volumes.values())
-            touched = {vm.name: sorted({c for c, lst in vm.chunks.items()
-                                        if lst and lst[0].seq <= fold_seq}) for vm in vols}
+            touched = {
+                vm.name: sorted(
+                    {c for c, lst in vm.chunks.items() if lst and lst[0].seq <= fold_seq}
+                )
+                for vm in vols
+            }
         for vm in vols:
             nb: dict[int, BlockRef | None] = {}
             cache = self.new_cache()
@@ -743,11 +823,26 @@ class Journal:
                     else:
                         base[c] = ref
                 manifest_vols[vm.name] = (vm.size, base)
-        write_atomic(self.storage, os.path.join(self.path, "base.manifest"), codec.pack_obj({
-            "seq": fold_seq, "ts": fold_ts,
-            "volumes": {name: {"size": size, "chunks": {
-                c: [r.block_id, r.length, r.pack, r.pack_offset] for c, r in base.items()}}
-                for name, (size, base) in manifest_vols.items()}}))
+        write_atomic(
+            self.storage,
+            os.path.join(self.path, "base.manifest"),
+            codec.pack_obj(
+                {
+                    "seq": fold_seq,
+                    "ts": fold_ts,
+                    "volumes": {
+                        name: {
+                            "size": size,
+                            "chunks": {
+                                c: [r.block_id, r.length, r.pack, r.pack_offset]
+                                for c, r in base.items()
+                            },
+                        }
+                        for name, (size, base) in manifest_vols.items()
+                    },
+                }
+            ),
+        )
         with self._append_lock, self._map_lock:
             for vm in vols:
                 vm.base = manifest_vols[vm.name][1]
@@ -800,12 +895,24 @@ class Journal:
         for h in self.released_holds:
             alerts.append(f"replica {h.name} hold released at seq {h.seq}: it will resync")
         if self.recovery.truncated_segment:
-            alerts.append(f"torn tail truncated in {self.recovery.truncated_segment} at "
-                          f"{self.recovery.truncated_at} ({self.recovery.truncated_bytes} bytes)")
-        return JournalStatus(w, vols, nseg, unsealed, seg_bytes, self.store.stats().pack_bytes,
-                             self.index.size_bytes(), cps[-1] if cps else None,
-                             tuple(self.holds.values()), self.recovery, self.history_short,
-                             tuple(alerts))
+            alerts.append(
+                f"torn tail truncated in {self.recovery.truncated_segment} at "
+                f"{self.recovery.truncated_at} ({self.recovery.truncated_bytes} bytes)"
+            )
+        return JournalStatus(
+            w,
+            vols,
+            nseg,
+            unsealed,
+            seg_bytes,
+            self.store.stats().pack_bytes,
+            self.index.size_bytes(),
+            cps[-1] if cps else None,
+            tuple(self.holds.values()),
+            self.recovery,
+            self.history_short,
+            tuple(alerts),
+        )
 
     def close(self) -> None:
         """Sync and release everything; unsealed segments stay hot and are sealed next time."""
@@ -830,9 +937,8 @@ class Journal:
 
 
 # ---------------------------------------------------------------------- helpers
-class _Builder:  # typing aid: build(seq, ts, wall) -> (record, payload parts)
-    def __call__(self, s: Seq, ts: int, w: int | None) -> tuple[Record, list[bytes | memoryview]]:
-        raise NotImplementedError
+# build(seq, ts, wall) -> (record, payload parts): the record is made under the append lock
+_Builder = Callable[[Seq, int, "int | None"], tuple[Record, list[bytes | memoryview]]]
 
 
 def _single(rec: Record) -> tuple[Record, list[bytes | memoryview]]:
@@ -841,8 +947,7 @@ def _single(rec: Record) -> tuple[Record, list[bytes | memoryview]]:
 
 def _data_offset(rec: WriteRecord) -> int:
     """Offset of the inline data inside the record's payload."""
-    head = codec.encode_write_header(rec.seq, rec.ts, rec.wall, rec.volume, rec.offset,
-                                     rec.length)
+    head = codec.encode_write_header(rec.seq, rec.ts, rec.wall, rec.volume, rec.offset, rec.length)
     return len(head) + len(codec.bin_prefix(rec.length))
 
 
@@ -854,11 +959,16 @@ def codec_decode(payload: memoryview, name: str, offset: int) -> Record:
 
 
 def _entry(s: _Seg) -> SegmentEntry:
-    return SegmentEntry(s.no, s.first_seq, s.last_seq, s.first_ts, s.last_ts, s.records,
-                        s.size, s.sealed)
+    return SegmentEntry(
+        s.no, s.first_seq, s.last_seq, s.first_ts, s.last_ts, s.records, s.size, s.sealed
+    )
 
 
 def _opts_dict(o: JournalOptions) -> dict[str, int]:
-    return {"segment_size": o.segment_size, "chunk_size": o.chunk_size,
-            "pack_target": o.pack_target, "hash_workers": o.hash_workers,
-            "zstd_level": o.zstd_level}
+    return {
+        "segment_size": o.segment_size,
+        "chunk_size": o.chunk_size,
+        "pack_target": o.pack_target,
+        "hash_workers": o.hash_workers,
+        "zstd_level": o.zstd_level,
+    }

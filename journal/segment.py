@@ -42,7 +42,9 @@ def segment_seed(journal_uuid: bytes, segment_no: int) -> int:
     return xxhash.xxh3_64_intdigest(journal_uuid + segment_no.to_bytes(8, "little"))
 
 
-def frame_checksum(seed: int, offset: int, head16: bytes, payload: Sequence[bytes | memoryview]) -> int:
+def frame_checksum(
+    seed: int, offset: int, head16: bytes, payload: Sequence[bytes | memoryview]
+) -> int:
     h = xxhash.xxh3_64(seed=(seed ^ offset) & _MASK)
     h.update(head16)
     for p in payload:
@@ -58,8 +60,16 @@ class SegmentHeader:
     sealed: bool
 
     def encode(self) -> bytes:
-        body = HEADER.pack(MAGIC, VERSION, FLAG_SEALED if self.sealed else 0, 0,
-                           self.segment_no, self.first_seq, self.journal_uuid, 0)[:48]
+        body = HEADER.pack(
+            MAGIC,
+            VERSION,
+            FLAG_SEALED if self.sealed else 0,
+            0,
+            self.segment_no,
+            self.first_seq,
+            self.journal_uuid,
+            0,
+        )[:48]
         return body + xxhash.xxh3_64_intdigest(body).to_bytes(8, "little")
 
     @property
@@ -169,8 +179,9 @@ def _later_durable_claim(view: memoryview, bad: int, size: int, seed: int) -> in
 class SegmentWriter:
     """Appends frames to one open segment file. Not thread-safe: the journal serializes."""
 
-    def __init__(self, file: File, header: SegmentHeader, *, prev_checksum: int,
-                 synced_upto: int) -> None:
+    def __init__(
+        self, file: File, header: SegmentHeader, *, prev_checksum: int, synced_upto: int
+    ) -> None:
         self.file = file
         self.header = header
         self._seed = segment_seed(header.journal_uuid, header.segment_no)
