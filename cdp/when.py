@@ -145,14 +145,14 @@ def parse_when(text: str, *, now_ns: int) -> When:
         if s[0] == "+":
             raise _bad(text, "a point in the future is never retained; use -15m for 15m ago")
         return AtTime(now_ns - ago_ns)
-    if s[:1].isdigit():
-        return AtTime(parse_time(s, original=text))
     try:
         parse_duration(s)
     except ValueError:
         pass
     else:
         raise _bad(text, f"a relative time needs a minus sign: -{s}")
+    if s[:1].isdigit():
+        return AtTime(parse_time(s, original=text))
     raise _bad(text, "not a time, a relative time, a checkpoint, a snapshot or a seq")
 
 
