@@ -1,0 +1,1 @@
+"""Capture sources: where the writes that go into the journal come from."""

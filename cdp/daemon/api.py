@@ -1,0 +1,303 @@
+"""The control API (docs/design/api.md): aiohttp on a unix socket or a loopback port.
+
+Handlers validate their input and answer ``{"error", "hint"}`` with a status the CLI maps to
+an exit code; journal work runs in threads so the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from cdp.daemon.service import Daemon, Group
+from cdp.units import Address
+from journal import CheckpointKind, JournalError, PointNotRetained
+
+log = logging.getLogger(__name__)
+
+DAEMON_KEY = web.AppKey("daemon", Daemon)
+STREAM_CHUNK = 1 << 20
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, hint: str | None = None, **extra: object) -> None:
+        super().__init__(message)
+        self.status, self.message, self.hint, self.extra = status, message, hint, extra
+
+
+def _reply(status: int, doc: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, text=json.dumps(doc), content_type="application/json")
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        doc: dict[str, Any] = {"error": e.message, **e.extra}
+        if e.hint:
+            doc["hint"] = e.hint
+        return _reply(e.status, doc)
+    except PointNotRetained as e:
+        return _reply(
+            409,
+            {
+                "error": str(e),
+                "hint": e.hint,
+                "window": {
+                    "first_seq": e.first_seq,
+                    "last_seq": e.last_seq,
+                    "first_ts_ns": e.first_ts,
+                    "last_ts_ns": e.last_ts,
+                },
+            },
+        )
+    except JournalError as e:
+        log.error("request failed", extra={"path": request.path, "err": str(e)})
+        return _reply(500, {"error": str(e), **({"hint": e.hint} if e.hint else {})})
+    except web.HTTPException:
+        raise
+    except Exception as e:  # never take the daemon down for one request
+        log.exception("request crashed", extra={"path": request.path})
+        return _reply(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        doc = await request.json()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return doc
+
+
+def _str(doc: dict[str, Any], key: str, *, required: bool = True) -> str | None:
+    v = doc.get(key)
+    if v is None and not required:
+        return None
+    if not isinstance(v, str) or not v:
+        raise ApiError(400, f"{key}: expected a non-empty string")
+    return v
+
+
+def _target(d: Daemon, doc: dict[str, Any]) -> Group:
+    vol, grp = doc.get("volume"), doc.get("group")
+    if (vol is None) == (grp is None):
+        raise ApiError(400, "name exactly one of volume or group")
+    if vol is not None:
+        name = _str(doc, "volume")
+        assert name is not None
+        if name not in d.volumes:
+            raise ApiError(404, f"no volume named {name!r}", hint="see `cdp status`")
+        return d.volumes[name].group
+    name = _str(doc, "group")
+    assert name is not None
+    if name not in d.groups:
+        raise ApiError(404, f"no group named {name!r}", hint="see `cdp status`")
+    return d.groups[name]
+
+
+def resolve_when(g: Group, when: object) -> int:
+    """Map a ``when`` object (docs/design/api.md) to a seq of the group's journal."""
+    if not isinstance(when, dict):
+        raise ApiError(400, "when: expected an object with a kind")
+    kind = when.get("kind")
+    j = g.journal
+    if kind == "latest":
+        return int(j.window().last_seq)
+    if kind == "seq":
+        seq = when.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise ApiError(400, "when.seq: expected a non-negative integer")
+        w = j.window()
+        if not w.first_seq <= seq <= w.last_seq:
+            raise PointNotRetained(f"seq {seq}", w.first_seq, w.last_seq, w.first_ts, w.last_ts)
+        return seq
+    if kind == "time":
+        t = when.get("t_ns")
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise ApiError(400, "when.t_ns: expected an integer")
+        return int(j.seq_at_time(t))
+    if kind == "checkpoint":
+        name = when.get("name")
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "when.name: expected a checkpoint name")
+        cp = j.find_checkpoint(name)
+        if cp is None:
+            raise ApiError(
+                404,
+                f"no retained checkpoint named {name!r}",
+                hint="list them with `cdp status --json`",
+            )
+        return int(cp.seq)
+    if kind == "snapshot":
+        raise ApiError(
+            404,
+            "snapshots are not available yet in this version",
+            hint="use a checkpoint, a time or a seq",
+        )
+    raise ApiError(400, f"when.kind: unknown kind {kind!r}")
+
+
+async def status(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    return _reply(200, await asyncio.to_thread(d.status))
+
+
+async def checkpoint(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    doc = await _body(request)
+    g = _target(d, doc)
+    name = _str(doc, "name", required=False) or f"cp-{d.clock() // 10**9}"
+    if len(name) > 200:
+        raise ApiError(400, "name: at most 200 characters")
+    kind_s = doc.get("kind", "crash")
+    try:
+        kind = CheckpointKind(kind_s)
+    except ValueError as e:
+        raise ApiError(
+            400, f"kind: expected one of crash, app, user, anomaly (got {kind_s!r})"
+        ) from e
+
+    def do() -> tuple[int, int]:
+        seq = g.journal.checkpoint(name, kind)
+        g.journal.sync()
+        cp = g.journal.find_checkpoint(name)
+        return seq, cp.ts if cp else 0
+
+    seq, ts = await asyncio.to_thread(do)
+    log.info("checkpoint", extra={"group": g.name, "seq": seq, "checkpoint": name})
+    return _reply(200, {"group": g.name, "seq": seq, "ts_ns": ts, "name": name, "kind": str(kind)})
+
+
+async def resolve(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    doc = await _body(request)
+    if "volume" not in doc:
+        raise ApiError(400, "volume: required")
+    g = _target(d, {"volume": doc["volume"]})
+    seq = await asyncio.to_thread(resolve_when, g, doc.get("when"))
+    ts = await asyncio.to_thread(_ts_of, g, seq)
+    vol = doc["volume"]
+    return _reply(
+        200,
+        {
+            "group": g.name,
+            "volume": vol,
+            "seq": seq,
+            "ts_ns": ts,
+            "size": g.journal.volume_size(vol),
+        },
+    )
+
+
+def _ts_of(g: Group, seq: int) -> int:
+    w = g.journal.window()
+    if seq == w.first_seq:
+        return w.first_ts
+    for rec in g.journal.records(seq):
+        return rec.ts
+    return w.last_ts
+
+
+async def image(request: web.Request) -> web.StreamResponse:
+    d = request.app[DAEMON_KEY]
+    vol = request.match_info["name"]
+    if vol not in d.volumes:
+        raise ApiError(404, f"no volume named {vol!r}")
+    g = d.volumes[vol].group
+    try:
+        seq = int(request.query.get("seq", ""))
+    except ValueError as e:
+        raise ApiError(400, "seq: expected an integer query parameter") from e
+    resolve_when(g, {"kind": "seq", "seq": seq})
+    j = g.journal
+    size = j.volume_size(vol)
+    hold = f"{vol}:{id(request)}"
+    await asyncio.to_thread(j.set_hold, "export", hold, seq)  # retention must not fold it away
+    try:
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/octet-stream", "X-Cdp-Seq": str(seq)}
+        )
+        resp.content_length = size
+        await resp.prepare(request)
+        cache = j.new_cache()
+        for off in range(0, size, STREAM_CHUNK):
+            n = min(STREAM_CHUNK, size - off)
+            buf = bytearray(n)
+            await asyncio.to_thread(j.read_into, vol, off, memoryview(buf), seq, cache)
+            await resp.write(bytes(buf))
+        await resp.write_eof()
+        return resp
+    finally:
+        await asyncio.to_thread(j.release_hold, "export", hold)
+
+
+async def rebuild_index(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    g = _target(d, await _body(request))
+    await asyncio.to_thread(g.journal.rebuild_index)
+    dump = await asyncio.to_thread(g.journal.index.dump)
+    log.info("index rebuilt", extra={"group": g.name})
+    return _reply(
+        200, {"group": g.name, "segments": len(dump["segments"]), "blocks": len(dump["blocks"])}
+    )
+
+
+def make_app(daemon: Daemon) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
+    app[DAEMON_KEY] = daemon
+    app.router.add_get("/v1/status", status)
+    app.router.add_post("/v1/checkpoint", checkpoint)
+    app.router.add_post("/v1/resolve", resolve)
+    app.router.add_get("/v1/volumes/{name}/image", image)
+    app.router.add_post("/v1/journal/rebuild-index", rebuild_index)
+    return app
+
+
+class ApiServer:
+    def __init__(self, daemon: Daemon, address: Address) -> None:
+        self.address = address
+        self.runner = web.AppRunner(make_app(daemon), access_log=None)
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        a = self.address
+        if a.kind == "unix":
+            assert a.path is not None
+            os.makedirs(os.path.dirname(a.path) or ".", exist_ok=True)
+            _remove_stale_socket(a.path)
+            site: web.BaseSite = web.UnixSite(self.runner, a.path)
+            await site.start()
+            os.chmod(a.path, 0o660)
+        else:
+            if not a.is_loopback():
+                raise ValueError(f"the API listens on loopback only (got {a})")
+            assert a.host is not None and a.port is not None
+            site = web.TCPSite(self.runner, a.host, a.port)
+            await site.start()
+        log.info("api listening", extra={"address": str(a)})
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        if self.address.kind == "unix" and self.address.path:
+            _remove_stale_socket(self.address.path)
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+    os.remove(path)

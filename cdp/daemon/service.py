@@ -1,0 +1,363 @@
+"""The daemon: one owner for every background task, clean start and stop.
+
+``Daemon.run(stop)`` opens one journal per consistency group under
+``<state_dir>/groups/<group>``, declares the configured volumes, starts the capture, sealing
+and retention jobs and the control API in one TaskGroup, and on ``stop`` drains them, syncs
+and closes every journal. Journals are synchronous (threads + fsync); the event loop only
+ever reaches them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cdp.capture.hashscan import HashScanner
+from cdp.config import Config, NbdSource, ScanSource, VolumeConfig
+from journal import CheckpointKind, Journal, JournalOptions, wall_clock
+from journal.clock import Clock
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+@dataclass(slots=True)
+class Group:
+    """A consistency group: volumes that share one journal and one seq."""
+
+    name: str
+    journal: Journal
+    volumes: list[VolumeConfig]
+    sealer_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    last_retention_error: str | None = None
+
+
+@dataclass(slots=True)
+class VolumeRuntime:
+    config: VolumeConfig
+    group: Group
+    scanner: HashScanner | None = None
+    capture_state: str = "starting"
+    capture_detail: str = ""
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock = wall_clock,
+        journal_options: JournalOptions | None = None,
+        retention_interval_s: float = 60.0,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.journal_options = journal_options or JournalOptions()
+        self.retention_interval_s = retention_interval_s
+        self.groups: dict[str, Group] = {}
+        self.volumes: dict[str, VolumeRuntime] = {}
+        self.started_ns = 0
+        self.ready = asyncio.Event()
+        self._stop_threads = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; then drain, sync and close. Raises on a failed start."""
+        from cdp.daemon.api import ApiServer  # the API module imports this one
+
+        self.started_ns = self.clock()
+        await asyncio.to_thread(self._open_journals)
+        api = ApiServer(self, self.config.daemon.api)
+        try:
+            await api.start()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    for g in self.groups.values():
+                        tg.create_task(self._sealer(g, stop), name=f"sealer:{g.name}")
+                        tg.create_task(self._retention(g, stop), name=f"retention:{g.name}")
+                    for v in self.volumes.values():
+                        tg.create_task(self._capture(v, stop), name=f"capture:{v.config.name}")
+                    self.ready.set()
+                    log.info(
+                        "daemon ready",
+                        extra={"groups": len(self.groups), "volumes": len(self.volumes)},
+                    )
+                    await stop.wait()
+                    self._stop_threads.set()
+            finally:
+                await api.stop()
+        finally:
+            self._stop_threads.set()
+            await asyncio.to_thread(self._close_journals)
+            log.info("daemon stopped; journals synced and closed")
+
+    def _open_journals(self) -> None:
+        root = os.path.join(str(self.config.daemon.state_dir), "groups")
+        os.makedirs(root, mode=0o750, exist_ok=True)
+        by_group: dict[str, list[VolumeConfig]] = {}
+        for v in self.config.volumes:
+            by_group.setdefault(v.group, []).append(v)
+        try:
+            for name, vols in sorted(by_group.items()):
+                j = Journal.open(
+                    os.path.join(root, name), clock=self.clock, options=self.journal_options
+                )
+                g = Group(name, j, vols)
+                self.groups[name] = g
+                if j.recovery.truncated_segment:
+                    log.warning(
+                        "journal tail was torn and truncated",
+                        extra={
+                            "group": name,
+                            "segment": j.recovery.truncated_segment,
+                            "offset": j.recovery.truncated_at,
+                            "bytes": j.recovery.truncated_bytes,
+                        },
+                    )
+                for v in vols:
+                    if j.volumes.get(v.name) is None or j.volumes[v.name].size != v.size_bytes:
+                        j.add_volume(v.name, v.size_bytes)
+                    self.volumes[v.name] = VolumeRuntime(v, g)
+                j.sync()
+        except BaseException:
+            self._close_journals()
+            raise
+
+    def _close_journals(self) -> None:
+        for g in self.groups.values():
+            try:
+                g.journal.close()
+            except Exception:
+                log.exception("closing journal failed", extra={"group": g.name})
+
+    # ------------------------------------------------------------------ jobs
+    async def _sealer(self, g: Group, stop: asyncio.Event) -> None:
+        """Move data of rolled segments into the block store, off the write path."""
+        while not stop.is_set():
+            n = await asyncio.to_thread(g.journal.seal_pending, 1)
+            if n:
+                continue
+            g.sealer_wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await _first(stop.wait(), g.sealer_wakeup.wait())
+
+    async def _retention(self, g: Group, stop: asyncio.Event) -> None:
+        ret = self.config.retention
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.retention_interval_s):
+                    await stop.wait()
+            if stop.is_set():
+                return
+            try:
+                rep = await asyncio.to_thread(
+                    g.journal.apply_retention,
+                    keep_ns=ret.journal_window_ns,
+                    max_bytes=ret.journal_max_bytes,
+                )
+                g.last_retention_error = None
+                if rep.folded_segments:
+                    log.info(
+                        "retention folded history",
+                        extra={
+                            "group": g.name,
+                            "segments": rep.folded_segments,
+                            "base_seq": rep.base_seq,
+                        },
+                    )
+                for h in rep.released_holds:
+                    log.warning(
+                        "journal size cap released a replica hold",
+                        extra={"group": g.name, "peer": h.name, "seq": h.seq},
+                    )
+            except Exception as e:  # keep capturing; status shows the error
+                g.last_retention_error = str(e)
+                log.exception("retention failed", extra={"group": g.name})
+
+    async def _capture(self, v: VolumeRuntime, stop: asyncio.Event) -> None:
+        src = v.config.source
+        path: str | None = None
+        if isinstance(src, ScanSource):
+            path, interval, rate = str(src.path), src.poll_interval_ns / 1e9, src.scan_rate_bps
+        elif isinstance(src, NbdSource):
+            path, interval, rate = str(src.image), 0.0, 0
+        else:
+            interval, rate = 0.0, 0
+        if path is None:
+            v.capture_state = "unavailable"
+            v.capture_detail = f"source {src.kind!r} has no capture implementation yet"
+            log.warning(
+                "no capture for this source yet",
+                extra={"volume": v.config.name, "source": src.kind},
+            )
+            return
+        scanner = HashScanner(
+            v.group.journal,
+            v.config.name,
+            path,
+            chunk_size=self.journal_options.chunk_size,
+            rate_bps=rate,
+        )
+        v.scanner = scanner
+        first = True
+        while not stop.is_set():
+            v.capture_state = "onboarding" if first else "scanning"
+            try:
+                changed = await asyncio.to_thread(scanner.scan_once, self._stop_threads)
+            except OSError as e:
+                v.capture_state, v.capture_detail = "error", f"{path}: {e.strerror or e}"
+                log.error("scan failed", extra={"volume": v.config.name, "err": str(e)})
+            else:
+                if stop.is_set():
+                    return
+                if first:
+                    seq = await asyncio.to_thread(
+                        v.group.journal.checkpoint,
+                        f"onboarded:{v.config.name}",
+                        CheckpointKind.CRASH,
+                    )
+                    await asyncio.to_thread(v.group.journal.sync)
+                    scanner.progress.first_point_seq = seq
+                    log.info(
+                        "volume onboarded",
+                        extra={"volume": v.config.name, "seq": seq, "bytes": changed},
+                    )
+                    first = False
+                v.capture_detail = ""
+                if changed:
+                    v.group.sealer_wakeup.set()
+                if isinstance(src, NbdSource):
+                    v.capture_state = "unavailable"
+                    v.capture_detail = (
+                        "image onboarded; live capture needs the NBD "
+                        "splitter, which is not implemented yet"
+                    )
+                    return
+                v.capture_state = "idle"
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(interval, 0.05)):
+                    await stop.wait()
+
+    # ------------------------------------------------------------------ queries
+    def group_of(self, volume: str) -> Group:
+        v = self.volumes.get(volume)
+        if v is None:
+            raise KeyError(volume)
+        return v.group
+
+    def status(self) -> dict[str, object]:
+        groups = []
+        alerts: list[str] = []
+        for g in self.groups.values():
+            st = g.journal.status()
+            w = st.window
+            galerts = list(st.alerts)
+            if g.last_retention_error:
+                galerts.append(f"retention failed: {g.last_retention_error}")
+            alerts += [f"{g.name}: {a}" for a in galerts]
+            lc = st.last_checkpoint
+            groups.append(
+                {
+                    "name": g.name,
+                    "volumes": [v.name for v in g.volumes],
+                    "window": {
+                        "first_seq": w.first_seq,
+                        "last_seq": w.last_seq,
+                        "first_ts_ns": w.first_ts,
+                        "last_ts_ns": w.last_ts,
+                    },
+                    "journal_bytes": st.segment_bytes + st.pack_bytes,
+                    "segments": st.segments,
+                    "unsealed_segments": st.unsealed_segments,
+                    "index_bytes": st.index_bytes,
+                    "last_checkpoint": None
+                    if lc is None
+                    else {"seq": lc.seq, "ts_ns": lc.ts, "name": lc.name, "kind": str(lc.kind)},
+                    "holds": [{"kind": h.kind, "name": h.name, "seq": h.seq} for h in st.holds],
+                    "history_short": st.history_short,
+                    "alerts": galerts,
+                    "recovery": {
+                        "truncated_segment": st.recovery.truncated_segment,
+                        "truncated_at": st.recovery.truncated_at,
+                        "truncated_bytes": st.recovery.truncated_bytes,
+                        "index_rebuilt": st.recovery.index_rebuilt,
+                    },
+                }
+            )
+        volumes = []
+        for v in self.volumes.values():
+            p = v.scanner.progress if v.scanner else None
+            if v.capture_state == "error":
+                alerts.append(f"{v.config.name}: capture error: {v.capture_detail}")
+            volumes.append(
+                {
+                    "name": v.config.name,
+                    "group": v.group.name,
+                    "size": v.config.size_bytes,
+                    "source": v.config.source.kind,
+                    "capture": {
+                        "state": v.capture_state,
+                        "detail": v.capture_detail,
+                        "last_scan_ns": p.last_scan_ns if p else 0,
+                        "changed_bytes": p.changed_bytes if p else 0,
+                    },
+                    "onboarding": {
+                        "state": "done"
+                        if p and p.first_point_seq
+                        else ("scanning" if p else "none"),
+                        "scanned_bytes": p.scanned_bytes if p else 0,
+                        "total_bytes": p.total_bytes if p else 0,
+                        "first_point_seq": p.first_point_seq if p else None,
+                    },
+                }
+            )
+        return {
+            "daemon": {"pid": os.getpid(), "version": VERSION, "started_ns": self.started_ns},
+            "groups": groups,
+            "volumes": volumes,
+            "alerts": alerts,
+        }
+
+
+async def _first(*aws: object) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[call-overload]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def run_daemon(
+    config: Config, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+) -> int:
+    """Entry point for ``cdp daemon``: signals set the stop event; returns the exit code."""
+    if loop_factory is None and config.daemon.event_loop == "uvloop":
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:  # uvloop is optional at run time
+            loop_factory = None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Daemon(config).run(stop)
+
+    t0 = time.monotonic()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+    log.info("exiting", extra={"uptime_s": round(time.monotonic() - t0, 3)})
+    return 0
