@@ -1,0 +1,107 @@
+"""Client side of the daemon API: JSON over HTTP on the address the config names.
+
+The CLI verbs are thin clients of the API (issue 3), so connection handling and the mapping
+of failures to cdp errors live here, once:
+
+* cannot connect (no socket, refused, permission denied), timeout, connection dropped:
+  :class:`~cdp.errors.DaemonUnavailable` (exit 1, retryable, hint to start the daemon);
+* HTTP 400: :class:`~cdp.errors.UsageError` (exit 2): the daemon rejected the arguments;
+* HTTP 503: :class:`~cdp.errors.DaemonUnavailable`: starting up or shutting down;
+* any other status >= 400: :class:`~cdp.errors.OperationFailed` (exit 1).
+
+Error replies are expected as ``{"error": "one line", "hint": "optional command"}``; the
+message and hint are shown to the user as they are. That body shape is the contract this
+client proposes for the server side.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Final
+
+import aiohttp
+
+from cdp.errors import CdpError, DaemonUnavailable, OperationFailed, UsageError
+from cdp.units import Address
+
+__all__ = ["ApiClient"]
+
+_DEFAULT_TIMEOUT_S: Final = 30.0
+
+
+class ApiClient:
+    """Requests to one daemon API address; one short-lived HTTP session per request.
+
+    A CLI process makes one or two requests, so no pooling; each call opens and closes its
+    own session, which keeps the object free of event-loop state.
+    """
+
+    def __init__(self, address: Address, *, timeout_s: float = _DEFAULT_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+
+    async def get(self, path: str) -> dict[str, object]:
+        """GET *path* (like ``/v1/status``) and return the JSON object it answers."""
+        return await self._request("GET", path, None)
+
+    async def post(self, path: str, body: Mapping[str, object]) -> dict[str, object]:
+        """POST *body* as JSON to *path* and return the JSON object it answers."""
+        return await self._request("POST", path, body)
+
+    async def _request(
+        self, method: str, path: str, body: Mapping[str, object] | None
+    ) -> dict[str, object]:
+        connector: aiohttp.BaseConnector
+        if self.address.kind == "unix":
+            assert self.address.path is not None
+            connector = aiohttp.UnixConnector(path=self.address.path)
+            base = "http://localhost"
+        else:
+            connector = aiohttp.TCPConnector()
+            base = f"http://{self.address}"
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        where = str(self.address)
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                session.request(method, base + path, json=body) as resp,
+            ):
+                text = await resp.text()
+                status = resp.status
+        except aiohttp.ClientConnectorError as e:
+            reason = e.os_error.strerror or str(e.os_error)
+            hint = None
+            if isinstance(e.os_error, PermissionError):
+                hint = "run as a member of the group that owns the socket, or as root"
+            raise DaemonUnavailable(where, reason, hint=hint) from e
+        except TimeoutError as e:
+            raise DaemonUnavailable(where, f"no answer within {self.timeout_s:g}s") from e
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError) as e:
+            raise DaemonUnavailable(where, f"connection dropped ({e})") from e
+        except aiohttp.ClientError as e:
+            raise OperationFailed(f"request to the daemon at {where} failed: {e}") from e
+        return _decode(status, text, where)
+
+
+def _decode(status: int, text: str, where: str) -> dict[str, object]:
+    try:
+        doc = json.loads(text) if text else {}
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        if status >= 400:
+            # Not one of our handlers (a proxy, or a path this daemon version lacks).
+            raise OperationFailed(f"the daemon at {where} answered HTTP {status}")
+        raise OperationFailed(f"the daemon at {where} sent a reply that is not a JSON object")
+    if status < 400:
+        return doc
+    message = doc.get("error")
+    hint = doc.get("hint")
+    err = message if isinstance(message, str) and message else f"HTTP {status}"
+    cls: type[CdpError] = OperationFailed
+    if status == 400:
+        cls = UsageError
+    elif status == 503:
+        raise DaemonUnavailable(where, err, hint=hint if isinstance(hint, str) else None)
+    raise cls(err, hint=hint if isinstance(hint, str) else None)
