@@ -128,32 +128,41 @@ class OperationFailed(CdpError):
 class PointNotRetained(OperationFailed):
     """The requested point in time is not kept (outside the journal window, no such name).
 
-    Says which window is retained, so the user can pick a point inside it. Exit code 1, the
-    brief's "operation failed"; a more specific code can be added later if scripts need it.
+    Carries the retained window, when known, so the message can say which window is kept and
+    callers can offer a point inside it. Exit code 1, the brief's "operation failed"; a more
+    specific code can be added later if scripts need it. Build with :meth:`outside_window`
+    for the standard message, or pass the daemon's message as it is.
     """
 
     def __init__(
         self,
-        when: str,
+        message: str,
         *,
         window_start_ns: int | None = None,
         window_end_ns: int | None = None,
-        reason: str | None = None,
+        first_seq: int | None = None,
+        last_seq: int | None = None,
         hint: str | None = None,
     ) -> None:
-        self.when = when
         self.window_start_ns = window_start_ns
         self.window_end_ns = window_end_ns
-        if reason is not None:
-            message = f"no retained point for {when}: {reason}"
-        elif window_start_ns is None or window_end_ns is None:
+        self.first_seq = first_seq
+        self.last_seq = last_seq
+        super().__init__(message, hint=hint or "cdp status shows the retained journal window")
+
+    @classmethod
+    def outside_window(
+        cls, when: str, window_start_ns: int | None, window_end_ns: int | None
+    ) -> PointNotRetained:
+        """``no retained point for WHEN: the journal holds T1 to T2`` (or "is empty")."""
+        if window_start_ns is None or window_end_ns is None:
             message = f"no retained point for {when}: the journal is empty"
         else:
             message = (
                 f"no retained point for {when}: the journal holds "
                 f"{_rfc3339(window_start_ns)} to {_rfc3339(window_end_ns)}"
             )
-        super().__init__(message, hint=hint or "cdp timeline VOLUME lists the retained points")
+        return cls(message, window_start_ns=window_start_ns, window_end_ns=window_end_ns)
 
 
 class OutputExists(OperationFailed):

@@ -6,12 +6,13 @@ of failures to cdp errors live here, once:
 * cannot connect (no socket, refused, permission denied), timeout, connection dropped:
   :class:`~cdp.errors.DaemonUnavailable` (exit 1, retryable, hint to start the daemon);
 * HTTP 400: :class:`~cdp.errors.UsageError` (exit 2): the daemon rejected the arguments;
+* HTTP 409: :class:`~cdp.errors.PointNotRetained` (exit 1), with the ``window`` the reply
+  carries (``first_seq``, ``last_seq``, ``first_ts_ns``, ``last_ts_ns``);
 * HTTP 503: :class:`~cdp.errors.DaemonUnavailable`: starting up or shutting down;
 * any other status >= 400: :class:`~cdp.errors.OperationFailed` (exit 1).
 
-Error replies are expected as ``{"error": "one line", "hint": "optional command"}``; the
-message and hint are shown to the user as they are. That body shape is the contract this
-client proposes for the server side.
+Error replies are ``{"error": "one line", "hint": "optional command"}`` (docs/design/api.md);
+the message and hint are shown to the user as they are.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Final
 
 import aiohttp
 
-from cdp.errors import CdpError, DaemonUnavailable, OperationFailed, UsageError
+from cdp.errors import DaemonUnavailable, OperationFailed, PointNotRetained, UsageError
 from cdp.units import Address
 
 __all__ = ["ApiClient"]
@@ -99,9 +100,24 @@ def _decode(status: int, text: str, where: str) -> dict[str, object]:
     message = doc.get("error")
     hint = doc.get("hint")
     err = message if isinstance(message, str) and message else f"HTTP {status}"
-    cls: type[CdpError] = OperationFailed
+    hint_text = hint if isinstance(hint, str) else None
     if status == 400:
-        cls = UsageError
-    elif status == 503:
-        raise DaemonUnavailable(where, err, hint=hint if isinstance(hint, str) else None)
-    raise cls(err, hint=hint if isinstance(hint, str) else None)
+        raise UsageError(err, hint=hint_text)
+    if status == 409:
+        window = doc.get("window")
+        w = window if isinstance(window, dict) else {}
+        raise PointNotRetained(
+            err,
+            window_start_ns=_int_or_none(w.get("first_ts_ns")),
+            window_end_ns=_int_or_none(w.get("last_ts_ns")),
+            first_seq=_int_or_none(w.get("first_seq")),
+            last_seq=_int_or_none(w.get("last_seq")),
+            hint=hint_text,
+        )
+    if status == 503:
+        raise DaemonUnavailable(where, err, hint=hint_text)
+    raise OperationFailed(err, hint=hint_text)
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from cdp.cli.api_client import ApiClient
-from cdp.errors import DaemonUnavailable, OperationFailed, UsageError
+from cdp.errors import DaemonUnavailable, OperationFailed, PointNotRetained, UsageError
 from cdp.units import Address
 
 
@@ -43,6 +43,13 @@ async def _broken(request: web.Request) -> web.Response:
     return web.json_response({"error": "journal is read-only"}, status=500)
 
 
+async def _not_retained(request: web.Request) -> web.Response:
+    window = {"first_seq": 3, "last_seq": 9, "first_ts_ns": 10, "last_ts_ns": 20}
+    return web.json_response(
+        {"error": "seq:1 is not retained", "hint": "pick another", "window": window}, status=409
+    )
+
+
 async def _not_json(request: web.Request) -> web.Response:
     return web.Response(text="<html>hello</html>")
 
@@ -55,6 +62,7 @@ def _app() -> web.Application:
     app.router.add_get("/unavailable", _unavailable)
     app.router.add_get("/broken", _broken)
     app.router.add_get("/html", _not_json)
+    app.router.add_get("/gone", _not_retained)
     return app
 
 
@@ -125,3 +133,14 @@ async def test_http_404_is_operation_failed(unix_api: Address) -> None:
 async def test_non_json_reply_is_operation_failed(unix_api: Address) -> None:
     with pytest.raises(OperationFailed, match="not a JSON object"):
         await ApiClient(unix_api).get("/html")
+
+
+async def test_http_409_is_point_not_retained_with_window(unix_api: Address) -> None:
+    with pytest.raises(PointNotRetained) as info:
+        await ApiClient(unix_api).get("/gone")
+    err = info.value
+    assert str(err) == "seq:1 is not retained"
+    assert (err.first_seq, err.last_seq) == (3, 9)
+    assert (err.window_start_ns, err.window_end_ns) == (10, 20)
+    assert err.hint == "pick another"
+    assert err.exit_code == 1

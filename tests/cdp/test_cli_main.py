@@ -397,3 +397,11 @@ def test_foreign_error_uses_its_exit_code() -> None:
     assert exit_code_for(JournalLike()) == 12
     assert exit_code_for(RuntimeError()) == 1
     assert exit_code_for(FileNotFoundError()) == 1
+
+
+def test_point_not_retained_message_names_window() -> None:
+    err = PointNotRetained.outside_window("-3d", 1_795_317_300 * 10**9, 1_795_403_700 * 10**9)
+    assert str(err) == (
+        "no retained point for -3d: the journal holds 2026-11-22T03:15:00Z to 2026-11-23T03:15:00Z"
+    )
+    assert "empty" in str(PointNotRetained.outside_window("latest", None, None))
