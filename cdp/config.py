@@ -399,21 +399,14 @@ class _Parser:
         receiver = self.receiver(receiver_t) if receiver_t else None
         root.finish()
         self.check_unique(volumes, replicas)
-        if receiver is not None:
-            if receiver.state_dir == daemon.state_dir:
-                raise ConfigError(
-                    self.shown,
-                    "receiver.state_dir",
-                    "must differ from daemon.state_dir",
-                    value=os.fspath(receiver.state_dir),
-                )
-            if receiver.api == daemon.api:
-                raise ConfigError(
-                    self.shown,
-                    "receiver.api",
-                    "must differ from daemon.api",
-                    value=str(receiver.api),
-                )
+        if receiver is not None and receiver.state_dir == daemon.state_dir:
+            raise ConfigError(
+                self.shown,
+                "receiver.state_dir",
+                "must differ from daemon.state_dir",
+                value=os.fspath(receiver.state_dir),
+            )
+        self.check_listeners(daemon, volumes, receiver)
         return Config(
             daemon=daemon,
             volumes=volumes,
@@ -539,6 +532,27 @@ class _Parser:
         t.finish()
         return result
 
+    def check_listeners(
+        self,
+        daemon: DaemonConfig,
+        volumes: tuple[VolumeConfig, ...],
+        receiver: ReceiverConfig | None,
+    ) -> None:
+        """Every address cdp binds must be distinct; the second bind would fail at start."""
+        binds = [("daemon.api", daemon.api)]
+        binds += [
+            (f"volume[{i}].listen", v.source.listen)
+            for i, v in enumerate(volumes)
+            if isinstance(v.source, NbdSource)
+        ]
+        if receiver is not None:
+            binds += [("receiver.listen", receiver.listen), ("receiver.api", receiver.api)]
+        seen: dict[Address, str] = {}
+        for key, addr in binds:
+            first = seen.setdefault(addr, key)
+            if first != key:
+                raise ConfigError(self.shown, key, f"already used by {first}", value=str(addr))
+
     def check_unique(
         self, volumes: tuple[VolumeConfig, ...], replicas: tuple[ReplicaConfig, ...]
     ) -> None:
@@ -548,7 +562,7 @@ class _Parser:
             claims: list[tuple[str, object]] = [("name", v.name)]
             src = v.source
             if isinstance(src, NbdSource):
-                claims += [("image", src.image), ("listen", src.listen)]
+                claims += [("image", src.image)]
             elif isinstance(src, QemuSource):
                 claims += [("node", (src.qmp, src.node))]
             else:
