@@ -10,13 +10,13 @@ import asyncio
 import json
 import logging
 import os
-import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from cdp.daemon.service import Daemon, Group
+from cdp.sockpath import prepare_socket_path, remove_socket
 from cdp.units import Address
 from journal import CheckpointKind, JournalError, PointNotRetained
 
@@ -274,8 +274,7 @@ class ApiServer:
         a = self.address
         if a.kind == "unix":
             assert a.path is not None
-            os.makedirs(os.path.dirname(a.path) or ".", exist_ok=True)
-            _remove_stale_socket(a.path)
+            prepare_socket_path(a.path)
             site: web.BaseSite = web.UnixSite(self.runner, a.path)
             await site.start()
             os.chmod(a.path, 0o660)
@@ -290,14 +289,4 @@ class ApiServer:
     async def stop(self) -> None:
         await self.runner.cleanup()
         if self.address.kind == "unix" and self.address.path:
-            _remove_stale_socket(self.address.path)
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
-    os.remove(path)
+            remove_socket(self.address.path)
