@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import struct
 import threading
 from collections.abc import Sequence
@@ -86,13 +87,13 @@ class BlockStore:
 
     # -- naming and opening -------------------------------------------------------------
     def _pack_path(self, n: int) -> str:
-        return os.path.join(self.folder, f"{n:08d}.pack")
+        return os.path.join(self.folder, f"{n:016x}.pack")
 
     def pack_numbers(self) -> list[int]:
         return sorted(
-            int(n[:8])
+            int(n[:16], 16)
             for n in self.storage.listdir(self.folder)
-            if n.endswith(".pack") and n[:8].isdigit()
+            if n.endswith(".pack") and len(n) == 21 and _is_hex(n[:16])
         )
 
     def _file(self, n: int) -> File:
@@ -110,9 +111,17 @@ class BlockStore:
         """
         torn = 0
         sizes = self.index.pack_sizes()
-        for n in self.pack_numbers():
+        on_disk = self.pack_numbers()
+        gone = [n for n in sizes if n not in on_disk]
+        if gone:  # the index outlived packs (its commit survived, the removal did not)
+            self.index.remove_packs(gone)
+        for n in on_disk:
             f = self._file(n)
-            start = max(sizes.get(n, PACK_HEADER.size), PACK_HEADER.size)
+            indexed = sizes.get(n)
+            if indexed is not None and indexed > f.size():
+                self.index.remove_packs([n])  # the index is ahead of the file: re-derive it
+                indexed = None
+            start = max(indexed or PACK_HEADER.size, PACK_HEADER.size)
             if f.size() < PACK_HEADER.size:
                 torn += f.size()
                 f.truncate(0)
@@ -123,7 +132,7 @@ class BlockStore:
             if end < f.size():
                 torn += f.size() - end
                 f.truncate(end)
-            if rows or n not in sizes:
+            if rows or indexed is None:
                 self.index.add_blocks(rows, {n: end})
         return torn
 
@@ -156,7 +165,7 @@ class BlockStore:
         return rows, start + pos
 
     def _no(self, f: File) -> int:
-        return int(os.path.basename(f.path)[:8])
+        return int(os.path.basename(f.path)[:16], 16)
 
     # -- writing ------------------------------------------------------------------------
     def _compressor(self) -> zstandard.ZstdCompressor:
@@ -211,8 +220,9 @@ class BlockStore:
     def _writable(self) -> File:
         if self._writer is not None and self._writer.size() < self.pack_target:
             return self._writer
-        nums = self.pack_numbers()
-        n = (nums[-1] + 1) if nums else 1
+        # Random ids: a pack number is never reused, so a stale index row or location hint
+        # can never point into a different pack that happens to have the same name.
+        n = secrets.randbits(62) | 1
         f = self.storage.open(self._pack_path(n), create=True)
         f.append([PACK_HEADER.pack(PACK_MAGIC, n, self.uuid)])
         self.storage.sync_dir(self.folder)
@@ -351,3 +361,7 @@ class BlockStore:
                 f.close()
             self._files.clear()
             self._writer = None
+
+
+def _is_hex(s: str) -> bool:
+    return all(c in "0123456789abcdef" for c in s)

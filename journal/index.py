@@ -131,6 +131,21 @@ class Index:
             self.db.execute("DELETE FROM checkpoints WHERE seq <= ?", [last_seq])
             self.db.execute("COMMIT")
 
+    def drop_segments(self, numbers: list[int]) -> None:
+        """Forget segments that no longer exist (and their checkpoints)."""
+        with self._lock:
+            self.db.execute("BEGIN")
+            for no in numbers:
+                row = self.db.execute(
+                    "SELECT first_seq, last_seq FROM segments WHERE segment_no=?", [no]
+                ).fetchone()
+                if row is not None:
+                    self.db.execute(
+                        "DELETE FROM checkpoints WHERE seq BETWEEN ? AND ?", [row[0], row[1]]
+                    )
+                self.db.execute("DELETE FROM segments WHERE segment_no=?", [no])
+            self.db.execute("COMMIT")
+
     def put_checkpoint(self, seq: int, ts: int, name: str, kind: str) -> None:
         with self._lock:
             self.db.execute(

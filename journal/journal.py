@@ -21,6 +21,7 @@ from array import array
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import codec
@@ -128,6 +129,8 @@ class Journal:
         self.segs: list[_Seg] = []
         self._writer: SegmentWriter | None = None
         self._unsealed: deque[int] = deque()
+        self._rolls: list[Future[None]] = []
+        self._roller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-roll")
         self._ts = array("q")  # journal time of seq base_seq+1+i
         self.base_seq = 0
         self.base_ts = 0
@@ -258,10 +261,16 @@ class Journal:
                 self.holds[(hold.kind, hold.name)] = hold
 
     def _recover_segments(self) -> RecoveryReport:
+        """Apply the recovery rule (docs/design/journal-format.md) and load every segment.
+
+        The journal ends at the first break: a torn frame, an unreadable hot segment header,
+        or a seq gap after a hot segment. What lies beyond a break is dropped, but only if
+        none of it was ever fsynced (``sync()`` waits for every earlier segment, so a synced
+        frame after a break proves the break is damage to durable data: SegmentCorrupt).
+        """
         st = self.storage
-        names = st.listdir(self.seg_dir)
         found: dict[int, set[str]] = {}
-        for n in names:
+        for n in st.listdir(self.seg_dir):
             stem, _, ext = n.partition(".")
             if ext in ("seg", "hot") and stem.isdigit():
                 found.setdefault(int(stem), set()).add(ext)
@@ -271,6 +280,7 @@ class Journal:
         for no, exts in found.items():
             if exts == {"seg", "hot"}:  # sealed copy is complete (renamed after fsync)
                 st.remove(self._seg_path(no, False))
+                found[no] = {"seg"}
                 dup += 1
         if dup:
             st.sync_dir(self.seg_dir)
@@ -279,23 +289,53 @@ class Journal:
         truncated: tuple[str | None, int | None, int] = (None, None, 0)
         records = 0
         expected = self.base_seq + 1
+        kept: list[int] = []
         for i, no in enumerate(numbers):
             sealed = "seg" in found[no]
             path = self._seg_path(no, sealed)
             name = os.path.relpath(path, self.path)
-            last = i == len(numbers) - 1
             f = st.open(path)
-            res = scan(
-                f.pread(f.size(), 0), name, journal_uuid=self.uuid, tail_allowed=last and not sealed
-            )
-            if res.torn_at is not None:
-                truncated = (name, res.torn_at, f.size() - res.torn_at)
-                f.truncate(res.torn_at)
+            try:
+                res = scan(
+                    f.pread(f.size(), 0), name, journal_uuid=self.uuid, tail_allowed=not sealed
+                )
+            except SegmentCorrupt as e:
+                f.close()
+                if sealed or e.offset != 0 or not self._droppable(numbers[i:], found):
+                    raise
+                self._drop_segments(numbers[i:], found)  # a new segment whose header was lost
+                truncated = (name, 0, -1)
+                break
             recs = [codec_decode(fr.payload, name, fr.offset) for fr in res.frames]
             if recs and recs[-1].seq <= self.base_seq:
                 f.close()  # folded already; the crash came before its removal
                 st.remove(path)
                 continue
+            if res.header.first_seq != expected and not (
+                res.frames == [] and res.header.first_seq > expected
+            ):
+                f.close()
+                prev_hot = bool(kept) and "hot" in found[kept[-1]]
+                if sealed or not prev_hot or not self._droppable(numbers[i:], found):
+                    raise SegmentCorrupt(
+                        name,
+                        0,
+                        f"first seq {res.header.first_seq}, expected {expected}: "
+                        "a segment is missing",
+                    )
+                self._drop_segments(numbers[i:], found)  # records after a lost tail
+                truncated = (name, 0, -1)
+                break
+            if res.torn_at is not None:
+                later = numbers[i + 1 :]
+                if not self._droppable(later, found):
+                    f.close()
+                    raise SegmentCorrupt(
+                        name, res.torn_at, f"{res.torn_reason}; a later segment was synced after it"
+                    )
+                self._drop_segments(later, found)
+                truncated = (name, res.torn_at, f.size() - res.torn_at)
+                f.truncate(res.torn_at)
             seg = _Seg(
                 no,
                 res.header.first_seq,
@@ -307,12 +347,6 @@ class Journal:
                 sealed,
                 None if sealed else f,
             )
-            if res.header.first_seq != expected:
-                raise SegmentCorrupt(
-                    name,
-                    0,
-                    f"first seq {res.header.first_seq}, expected {expected}: a segment is missing",
-                )
             for fr, rec in zip(res.frames, recs, strict=True):
                 if rec.seq != expected:
                     raise SegmentCorrupt(name, fr.offset, f"seq {rec.seq}, expected {expected}")
@@ -322,30 +356,63 @@ class Journal:
             if sealed:
                 f.close()
             self.segs.append(seg)
-            if not sealed and not last:
-                self._unsealed.append(no)
-            if last and not sealed:
-                f.sync()  # everything that survived is durable from here on
-                self._writer = SegmentWriter(
-                    f,
-                    res.header,
-                    prev_checksum=res.last_checksum,
-                    synced_upto=min(f.size(), MAX_SEGMENT),
+            kept.append(no)
+            if res.torn_at is not None:
+                break
+        for k, no in enumerate(kept):
+            seg = self.segs[k]
+            if k == len(kept) - 1 and not seg.sealed:
+                assert seg.file is not None
+                seg.file.sync()  # everything that survived is durable from here on
+                res_last = scan(
+                    seg.file.pread(seg.file.size(), 0),
+                    self._seg_path(no, False),
+                    journal_uuid=self.uuid,
+                    tail_allowed=False,
                 )
-                self._durable = (no, f.size())
-            elif sealed or not last:
-                ent = _entry(seg)
-                if indexed.get(no) != ent:
-                    self.index.put_segment(ent, seg.checkpoints)
-        for no in indexed:
-            if no not in found:
-                self.index.drop_segments_upto(no, self.base_seq) if no < (
-                    numbers[0] if numbers else 1 << 62
-                ) else None
+                self._writer = SegmentWriter(
+                    seg.file,
+                    res_last.header,
+                    prev_checksum=res_last.last_checksum,
+                    synced_upto=min(seg.file.size(), MAX_SEGMENT),
+                )
+                self._durable = (no, seg.file.size())
+                continue
+            if not seg.sealed:
+                assert seg.file is not None
+                seg.file.sync()
+                self._unsealed.append(no)
+            ent = _entry(seg)
+            if indexed.get(no) != ent:
+                self.index.put_segment(ent, seg.checkpoints)
+        stale = [no for no in indexed if no not in kept]
+        if stale:
+            self.index.drop_segments(stale)
         self.next_seq = expected
         return RecoveryReport(
-            len(self.segs), records, truncated[0], truncated[1], truncated[2], dup
+            len(self.segs), records, truncated[0], truncated[1], max(truncated[2], 0), dup
         )
+
+    def _droppable(self, later: list[int], found: dict[int, set[str]]) -> bool:
+        """True when nothing in these segments ever reached an fsync (safe to drop)."""
+        for n in later:
+            if "seg" in found[n]:
+                return False  # sealed only after its roll fsync, which followed ours
+            try:
+                buf = self.storage.read_all(self._seg_path(n, False))
+                res = scan(buf, f"segments/{n:012d}.hot", journal_uuid=self.uuid, tail_allowed=True)
+            except JournalError:
+                continue
+            if res.last_synced_claim > 0:
+                return False
+        return True
+
+    def _drop_segments(self, numbers: list[int], found: dict[int, set[str]]) -> None:
+        for n in numbers:
+            for ext in found[n]:
+                self.storage.remove(self._seg_path(n, ext == "seg"))
+        if numbers:
+            self.storage.sync_dir(self.seg_dir)
 
     def _apply(self, rec: Record, seg: _Seg, payload_off: int) -> None:
         """Fold one record into the in-memory state (used by open and by append)."""
@@ -394,6 +461,11 @@ class Journal:
             return wall, None
         return self.last_ts, wall  # the clock stepped back: keep order, record the wall time
 
+    @property
+    def healthy(self) -> bool:
+        """False once closed or stopped by a storage error (then reopen it)."""
+        return not self._closed and self._failed is None
+
     def _check_open(self) -> None:
         if self._closed:
             raise JournalClosed("the journal is closed")
@@ -415,15 +487,34 @@ class Journal:
         return w
 
     def _roll(self, w: SegmentWriter) -> None:
-        """Close the hot segment: fsync it whole before anything newer exists."""
-        end = w.sync()
+        """Close the hot segment; its fsync runs on the roll thread, off the append path.
+
+        A later ``sync()`` waits for it, so a completed sync still covers every segment, and
+        the recovery rule (docs/design/journal-format.md) accepts a torn tail in a rolled
+        segment only when nothing after it was ever synced.
+        """
         seg = self.segs[-1]
-        seg.size = end
+        seg.size = w.size()
+        self._rolls.append(self._roller.submit(self._finish_roll, w, seg))
+        self._writer = None
+
+    def _finish_roll(self, w: SegmentWriter, seg: _Seg) -> None:
+        try:
+            end = w.sync()
+        except OSError as e:
+            self._failed = StorageError("fdatasync", w.file.path, e)
+            raise self._failed from e
         with self._sync_cv:
             self._durable = max(self._durable, (seg.no, end))
         self.index.put_segment(_entry(seg), seg.checkpoints)
-        self._unsealed.append(seg.no)
-        self._writer = None
+        with self._append_lock:
+            self._unsealed.append(seg.no)
+
+    def _wait_rolls(self, rolls: list[Future[None]]) -> None:
+        for f in rolls:
+            f.result()  # re-raises the StorageError of a failed roll fsync
+        with self._append_lock:
+            self._rolls = [f for f in self._rolls if not f.done() or f.exception()]
 
     def _do_append(self, build: _Builder) -> Seq:
         with self._append_lock:
@@ -493,9 +584,11 @@ class Journal:
         with self._append_lock:
             self._check_open()
             w = self._writer
-            if w is None:
-                return
-            target = (self.segs[-1].no, w.size())
+            rolls = list(self._rolls)
+            target = (self.segs[-1].no, w.size()) if w is not None else None
+        self._wait_rolls(rolls)
+        if target is None:
+            return
         with self._sync_cv:
             while self._durable < target:
                 if not self._syncing:
@@ -508,8 +601,9 @@ class Journal:
         try:
             with self._append_lock:
                 w = self._writer
-                # rolled meanwhile? then the roll fsynced it
+                rolls = list(self._rolls)
                 done = target if w is None else (self.segs[-1].no, w.size())
+            self._wait_rolls(rolls)  # the target segment may have rolled meanwhile
             if w is not None:
                 try:
                     w.file.sync()
@@ -870,6 +964,9 @@ class Journal:
     # ------------------------------------------------------------------ index
     def rebuild_index(self) -> None:
         """Drop every derived table and re-derive it from segments and packs."""
+        with self._append_lock:
+            rolls = list(self._rolls)
+        self._wait_rolls(rolls)
         with self._maint_lock, self._append_lock:
             self.index.clear()
             self.store.rebuild_index()
@@ -920,6 +1017,7 @@ class Journal:
             return
         if self._failed is None:
             self.sync()
+        self._roller.shutdown(wait=True)
         with self._append_lock:
             self._closed = True
             for s in self.segs:
