@@ -13,12 +13,17 @@ of failures to cdp errors live here, once:
 
 Error replies are ``{"error": "one line", "hint": "optional command"}`` (docs/design/api.md);
 the message and hint are shown to the user as they are.
+
+:meth:`ApiClient.download` streams a binary reply (a volume image) into a sink chunk by chunk;
+its timeout applies to each read, not to the whole transfer, which can take long.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
@@ -26,9 +31,19 @@ import aiohttp
 from cdp.errors import DaemonUnavailable, OperationFailed, PointNotRetained, UsageError
 from cdp.units import Address
 
-__all__ = ["ApiClient"]
+__all__ = ["ApiClient", "Download"]
 
 _DEFAULT_TIMEOUT_S: Final = 30.0
+_DOWNLOAD_CHUNK: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Download:
+    """What :meth:`ApiClient.download` received: the reply headers and the byte count."""
+
+    headers: Mapping[str, str]
+    content_length: int | None
+    received: int
 
 
 class ApiClient:
@@ -50,9 +65,49 @@ class ApiClient:
         """POST *body* as JSON to *path* and return the JSON object it answers."""
         return await self._request("POST", path, body)
 
+    async def download(
+        self,
+        path: str,
+        sink: Callable[[bytes], object],
+        *,
+        chunk_size: int = _DOWNLOAD_CHUNK,
+    ) -> Download:
+        """GET *path* and pass the body to *sink* in order, in chunks of at most *chunk_size*.
+
+        Error replies raise as for :meth:`get` before *sink* sees anything. A transfer cut
+        short raises :class:`~cdp.errors.DaemonUnavailable`; exceptions from *sink* propagate
+        unchanged. The caller checks ``received`` against what it expected.
+        """
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s
+        )
+        async with self._open("GET", path, None, timeout) as resp:
+            if resp.status >= 400:
+                _decode(resp.status, await resp.text(), str(self.address))
+            received = 0
+            async for chunk in resp.content.iter_chunked(chunk_size):
+                sink(chunk)
+                received += len(chunk)
+            return Download(dict(resp.headers), resp.content_length, received)
+
     async def _request(
         self, method: str, path: str, body: Mapping[str, object] | None
     ) -> dict[str, object]:
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with self._open(method, path, body, timeout) as resp:
+            text = await resp.text()
+            status = resp.status
+        return _decode(status, text, str(self.address))
+
+    @contextlib.asynccontextmanager
+    async def _open(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, object] | None,
+        limits: aiohttp.ClientTimeout,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One request in its own session; transport failures become cdp errors."""
         connector: aiohttp.BaseConnector
         if self.address.kind == "unix":
             assert self.address.path is not None
@@ -61,15 +116,13 @@ class ApiClient:
         else:
             connector = aiohttp.TCPConnector()
             base = f"http://{self.address}"
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         where = str(self.address)
         try:
             async with (
-                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+                aiohttp.ClientSession(connector=connector, timeout=limits) as session,
                 session.request(method, base + path, json=body) as resp,
             ):
-                text = await resp.text()
-                status = resp.status
+                yield resp
         except aiohttp.ClientConnectorError as e:
             reason = e.os_error.strerror or str(e.os_error)
             hint = None
@@ -82,7 +135,6 @@ class ApiClient:
             raise DaemonUnavailable(where, f"connection dropped ({e})") from e
         except aiohttp.ClientError as e:
             raise OperationFailed(f"request to the daemon at {where} failed: {e}") from e
-        return _decode(status, text, where)
 
 
 def _decode(status: int, text: str, where: str) -> dict[str, object]:
