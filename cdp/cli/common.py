@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
 
 from cdp.config import DEFAULT_CONFIG_PATH, Config, VolumeConfig, load_config
-from cdp.errors import OperationFailed, UsageError
+from cdp.errors import OperationFailed, PointNotRetained, UsageError
+from cdp.when import AtCheckpoint, AtSeq, AtSnapshot, AtTime, Latest, When, format_time_ns
 
 if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -22,10 +23,15 @@ __all__ = [
     "Subparsers",
     "add_common_options",
     "add_verb",
+    "approx_size",
+    "describe_window",
     "load",
     "not_implemented",
+    "point_time",
     "resolve_config_path",
+    "retained_window_error",
     "volumes_for",
+    "when_to_api",
 ]
 
 CONFIG_ENV: Final = "CDP_CONFIG"
@@ -129,3 +135,76 @@ def not_implemented(what: str) -> NoReturn:
         f"{what} is not implemented yet (it needs the daemon API)",
         hint="see issue 3 for progress",
     )
+
+
+def when_to_api(when: When) -> dict[str, object]:
+    """The API's ``when`` object for a parsed WHEN (docs/design/api.md).
+
+    Relative times were already resolved against the CLI's clock by ``parse_when``, so the
+    daemon only ever sees absolute ones.
+    """
+    if isinstance(when, Latest):
+        return {"kind": "latest"}
+    if isinstance(when, AtSeq):
+        return {"kind": "seq", "seq": when.seq}
+    if isinstance(when, AtTime):
+        return {"kind": "time", "t_ns": when.t_ns}
+    if isinstance(when, AtCheckpoint):
+        return {"kind": "checkpoint", "name": when.name}
+    if isinstance(when, AtSnapshot):
+        return {"kind": "snapshot", "id": when.id}
+    raise AssertionError(f"unhandled WHEN {when!r}")  # pragma: no cover
+
+
+def point_time(t_ns: object) -> str:
+    """A journal time for people: RFC 3339 UTC, exact (so it can be pasted into ``--at``).
+
+    Time 0 is the journal's empty start (nothing before the first record), not 1970.
+    """
+    if not isinstance(t_ns, int) or isinstance(t_ns, bool):
+        return "-"
+    return "the journal start" if t_ns <= 0 else format_time_ns(t_ns)
+
+
+def describe_window(
+    first_seq: int | None, last_seq: int | None, first_ts: int | None, last_ts: int | None
+) -> str:
+    """``seq 3..42, 2026-11-22T03:15:00Z to 2026-11-23T03:15:00Z`` (what can be restored)."""
+    if first_seq is None or last_seq is None:
+        return "an unknown window"
+    text = f"seq {first_seq}..{last_seq}"
+    if last_ts is not None and last_ts > 0:
+        if first_ts is not None and first_ts > 0:
+            text += f", {point_time(first_ts)} to {point_time(last_ts)}"
+        else:
+            text += f", from the journal start to {point_time(last_ts)}"
+    return text
+
+
+def retained_window_error(err: PointNotRetained, when: str, volume: str) -> PointNotRetained:
+    """*err* (a 409 from the API) again, with a message naming WHEN and the retained window."""
+    window = describe_window(err.first_seq, err.last_seq, err.window_start_ns, err.window_end_ns)
+    return PointNotRetained(
+        f"no retained point for {when} of {volume}: the journal holds {window}",
+        window_start_ns=err.window_start_ns,
+        window_end_ns=err.window_end_ns,
+        first_seq=err.first_seq,
+        last_seq=err.last_seq,
+        hint=err.hint,
+    )
+
+
+_SIZE_UNITS: Final = ("KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def approx_size(n: object) -> str:
+    """A byte count rounded for people: ``512 B``, ``1.5 MiB``, ``12 GiB``."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    value, i = n / 1024, 0
+    while value >= 1024 and i < len(_SIZE_UNITS) - 1:
+        value, i = value / 1024, i + 1
+    unit = _SIZE_UNITS[i]
+    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
