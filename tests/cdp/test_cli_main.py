@@ -226,17 +226,44 @@ def test_restore_refuses_symlink_even_dangling(
     assert not (tmp_path / "elsewhere.raw").exists()
 
 
+@pytest.fixture
+def no_daemon(short_dir: Path) -> Path:
+    """A config naming vm1-disk0 whose API socket nobody listens on."""
+    cfg = short_dir / "cdp.toml"
+    cfg.write_text(
+        '[daemon]\nstate_dir = "state"\napi = "unix:api.sock"\n'
+        '[[volume]]\nname = "vm1-disk0"\nsize = "1MiB"\nsource = "scan"\npath = "d.raw"\n'
+    )
+    return cfg
+
+
 @pytest.mark.parametrize("when", ["-15m", "-2h", "-1d", "-1h30m", "latest", "seq:5"])
 def test_relative_when_is_a_value_not_an_option(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, when: str
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, no_daemon: Path, when: str
 ) -> None:
     # argparse would read "-15m" as an unknown option; the WHEN must reach the parser.
     code, _, err = run_cli(
         capsys, "restore", "vm1-disk0", "--at", when, "--output", str(tmp_path / "o.raw"),
-        "--config", str(MINIMAL),
+        "--config", str(no_daemon),
     )  # fmt: skip
+    # Parsed, then stopped at the API, before any output file was made.
     assert code == 1
-    assert "not implemented yet" in err
+    assert "cannot reach the cdp daemon" in err
+    assert not (tmp_path / "o.raw").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["checkpoint", "vm1-disk0"], ["checkpoint", "--group", "vm1-disk0", "--name", "x"],
+     ["journal", "rebuild-index", "vm1-disk0"], ["status"], ["status", "--json"]],
+)  # fmt: skip
+def test_client_verbs_without_daemon_exit_1(
+    capsys: pytest.CaptureFixture[str], no_daemon: Path, argv: list[str]
+) -> None:
+    code, out, err = run_cli(capsys, *argv, "--config", str(no_daemon))
+    assert (code, out) == (1, "")
+    assert err.startswith("Error: cannot reach the cdp daemon at unix:")
+    assert "Traceback" not in err
 
 
 def test_restore_output_folder_must_exist(
@@ -326,17 +353,42 @@ def test_render_status_is_generic() -> None:
     assert "NAME  LAG" in text
 
 
-def test_daemon_not_implemented_yet_exits_1() -> None:
+def test_daemon_start_failure_exits_1_without_traceback(short_dir: Path) -> None:
     # A subprocess, since the daemon configures the root logger of the process it runs in.
+    # The API path is taken by a regular file, which the daemon must not replace.
+    (short_dir / "api.sock").write_text("not a socket")
+    cfg = short_dir / "cdp.toml"
+    cfg.write_text('[daemon]\nstate_dir = "state"\napi = "unix:api.sock"\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "cdp", "daemon", "--config", str(MINIMAL)],
+        [sys.executable, "-m", "cdp", "daemon", "--config", str(cfg)],
         capture_output=True,
         text=True,
         check=False,
         env={**os.environ, "CDP_CONFIG": ""},
+        timeout=60,
     )
     assert proc.returncode == 1
-    assert "not implemented yet" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"Error: the daemon stopped: {short_dir}/api.sock exists and is not a socket" in (
+        proc.stderr
+    )
+    assert (short_dir / "api.sock").read_text() == "not a socket"
+
+
+def test_daemon_unusable_state_dir_exits_1(short_dir: Path) -> None:
+    (short_dir / "state").write_text("a file, not a folder")
+    cfg = short_dir / "cdp.toml"
+    cfg.write_text('[daemon]\nstate_dir = "state"\napi = "unix:api.sock"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "cdp", "daemon", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"Error: cannot use state_dir {short_dir}/state: ")
+    assert not (short_dir / "api.sock").exists()
 
 
 def test_debug_prints_traceback(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
