@@ -209,6 +209,11 @@ class Daemon:
         )
         v.scanner = scanner
         first = True
+        done = await asyncio.to_thread(
+            v.group.journal.find_checkpoint, f"onboarded:{v.config.name}"
+        )
+        if done is not None:  # onboarded by an earlier run: the first pass only catches up
+            scanner.progress.first_point_seq, first = done.seq, False
         while not stop.is_set():
             v.capture_state = "onboarding" if first else "scanning"
             try:
