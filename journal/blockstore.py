@@ -1,7 +1,8 @@
-"""Content-addressed block store: SHA-256 names, zstd compression, pack files, GC.
+"""Content-addressed block store: BLAKE3 names, zstd compression, pack files, GC.
 
-Why BLAKE3 (cryptographic, like SHA-256, but 2-3x faster here): guests control block contents, so a non-cryptographic name would let a guest
-forge a dedup collision and corrupt another volume's block. xxh3 is used only as the pack
+Why BLAKE3 (cryptographic like SHA-256, 2-3x faster here): guests control block contents, so
+a non-cryptographic name would let a guest forge a dedup collision and corrupt another
+volume's block. xxh3 is used only as the pack
 entry checksum (fast corruption detection on every read).
 
 Pack layout (docs/design/journal-format.md)::
