@@ -20,7 +20,7 @@ import uuid as uuidlib
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -522,18 +522,7 @@ class Journal:
             seq = self.next_seq
             ts, wall = self._stamp()
             rec, parts = build(Seq(seq), ts, wall)
-            nbytes = sum(len(p) for p in parts) + 24
-            try:
-                w = self._writer_for(nbytes)
-                _, payload_off = w.append(parts)
-            except OSError as e:
-                self._failed = StorageError("append to", self.seg_dir, e)
-                raise self._failed from e
-            self.next_seq = seq + 1
-            seg = self.segs[-1]
-            seg.size = w.size()
-            with self._map_lock:
-                self._apply(rec, seg, payload_off)
+            self._append_one(rec, parts)
             return Seq(seq)
 
     def add_volume(self, volume: str, size: int) -> Seq:
@@ -559,6 +548,71 @@ class Journal:
             return rec, [head, data]
 
         return self._do_append(build)
+
+    def write_many(self, volume: str, ops: Sequence[WriteOp]) -> Seq:
+        """Append a batch of writes and zeroes of one volume, in order, with one writev.
+
+        ``ops`` are ``(offset, data, length, trim)``: ``data`` None means zero ``length``
+        bytes (trim says the guest discarded them). All are checked before any is appended,
+        so a bad op appends nothing. Returns the last seq; not durable until ``sync()``.
+        """
+        vm = self._vol(volume)
+        for off, data, length, _ in ops:
+            n = len(data) if data is not None else length
+            if n <= 0 or off < 0 or off + n > vm.size:
+                raise ValueError(f"op [{off}, {off + n}) outside volume {volume!r}")
+        if not ops:
+            return Seq(self.next_seq - 1)
+        with self._append_lock:
+            self._check_open()
+            seq0 = self.next_seq
+            ts, wall = self._stamp()
+            recs: list[Record] = []
+            payloads: list[list[bytes | memoryview]] = []
+            total = 0
+            for k, (off, data, length, trim) in enumerate(ops):
+                s = Seq(seq0 + k)
+                if data is None:
+                    rec: Record = ZeroRecord(s, ts, volume, off, length, trim, wall)
+                    payloads.append([codec.encode(rec)])
+                else:
+                    n = len(data)
+                    head = codec.encode_write_header(s, ts, wall, volume, off, n)
+                    payloads.append([head + codec.bin_prefix(n), data])
+                    rec = WriteRecord(s, ts, volume, off, n, b"", (), wall)
+                recs.append(rec)
+                total += sum(len(p) for p in payloads[-1]) + 24
+            w = self._writer
+            if w is None or w.size() + total > self.opts.segment_size:
+                for rec, parts in zip(recs, payloads, strict=True):
+                    self._append_one(rec, parts)
+                return Seq(self.next_seq - 1)
+            try:
+                offsets = w.append_many(payloads)
+            except OSError as e:
+                self._failed = StorageError("append to", self.seg_dir, e)
+                raise self._failed from e
+            self.next_seq = seq0 + len(ops)
+            seg = self.segs[-1]
+            seg.size = w.size()
+            with self._map_lock:
+                for rec, poff in zip(recs, offsets, strict=True):
+                    self._apply(rec, seg, poff)
+            return Seq(self.next_seq - 1)
+
+    def _append_one(self, rec: Record, parts: list[bytes | memoryview]) -> None:
+        """One already-built record (the caller holds the append lock and set its seq)."""
+        try:
+            w = self._writer_for(sum(len(p) for p in parts) + 24)
+            _, payload_off = w.append(parts)
+        except OSError as e:
+            self._failed = StorageError("append to", self.seg_dir, e)
+            raise self._failed from e
+        self.next_seq = rec.seq + 1
+        seg = self.segs[-1]
+        seg.size = w.size()
+        with self._map_lock:
+            self._apply(rec, seg, payload_off)
 
     def zero(self, volume: str, offset: int, length: int, *, trim: bool = False) -> Seq:
         vm = self._vol(volume)
@@ -1035,6 +1089,8 @@ class Journal:
 
 
 # ---------------------------------------------------------------------- helpers
+# (offset, data or None for zeroes, length, trim): one op of Journal.write_many
+WriteOp = tuple[int, "bytes | memoryview | None", int, bool]
 # build(seq, ts, wall) -> (record, payload parts): the record is made under the append lock
 _Builder = Callable[[Seq, int, "int | None"], tuple[Record, list[bytes | memoryview]]]
 

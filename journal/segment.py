@@ -205,6 +205,31 @@ class SegmentWriter:
         self._prev = csum
         return pos, pos + FRAME_SIZE
 
+    def append_many(self, payloads: Sequence[Sequence[bytes | memoryview]]) -> list[int]:
+        """Frame several records and write them with one writev; returns payload offsets.
+
+        Nothing is committed to the chain until the write returns, so a failed write leaves
+        the writer as it was (the journal then stops and recovery truncates the torn tail).
+        """
+        pos = self.file.size()
+        prev = self._prev
+        parts: list[bytes | memoryview] = []
+        offsets = []
+        for payload in payloads:
+            length = sum(len(p) for p in payload)
+            if length > MAX_FRAME:
+                raise ValueError(f"record of {length} bytes exceeds the frame limit")
+            head16 = struct.pack("<IIQ", length, self.synced_upto, prev)
+            prev = frame_checksum(self._seed, pos, head16, payload)
+            parts.append(head16)
+            parts.append(prev.to_bytes(8, "little"))
+            parts.extend(payload)
+            offsets.append(pos + FRAME_SIZE)
+            pos += FRAME_SIZE + length
+        self.file.append(parts)
+        self._prev = prev
+        return offsets
+
     def size(self) -> int:
         return self.file.size()
 

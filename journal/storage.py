@@ -55,6 +55,9 @@ class Storage(Protocol):
     def sync_dir(self, path: str) -> None: ...
 
 
+_IOV_MAX = 1024
+
+
 class OsFile:
     """A file opened O_RDWR|O_APPEND; appends go out with one writev (no user-space buffer)."""
 
@@ -65,12 +68,15 @@ class OsFile:
 
     def append(self, parts: Sequence[bytes | memoryview]) -> int:
         start = self._size
-        total = sum(len(p) for p in parts)
-        written = os.writev(self._fd, parts)
-        while written < total:  # short writes are legal; finish the rest
-            flat = b"".join(bytes(p) for p in parts)[written:]
-            written += os.write(self._fd, flat)
-        self._size += total
+        for i in range(0, len(parts), _IOV_MAX):
+            group = parts[i : i + _IOV_MAX]
+            total = sum(len(p) for p in group)
+            written = os.writev(self._fd, group)
+            if written < total:  # short writes are legal; finish the rest
+                flat = b"".join(bytes(p) for p in group)[written:]
+                while flat:
+                    flat = flat[os.write(self._fd, flat) :]
+            self._size += total
         return start
 
     def pread(self, size: int, offset: int) -> bytes:

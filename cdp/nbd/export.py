@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from cdp.nbd import proto
 from journal import CheckpointKind, Journal, JournalError
+from journal.journal import WriteOp
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class Export:
         self._write_gen = 0
         self._flushed_gen = 0
         self._flush_lock = asyncio.Lock()
+        self._queue: list[WriteOp] = []
         self.last_error: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -127,20 +129,34 @@ class Export:
         return not self.gaps or self.gaps[-1].ended_ns is not None
 
     # ------------------------------------------------------------------ journal side
-    def _record(self, fn: Callable[[Journal], object], offset: int, length: int) -> None:
+    def commit(self) -> None:
+        """Append the queued writes and zeroes to the journal, in order, with one writev.
+
+        The server calls this at the end of each batch of requests, before any reply of the
+        batch is sent, so every acknowledged write is in the journal (handed to the OS).
+        """
+        ops = self._queue
+        if not ops:
+            return
+        self._queue = []
         if self.protected:
             try:
-                fn(self._journal())
+                self._journal().write_many(self.name, ops)
                 return
             except (JournalError, OSError) as e:
-                self.gaps.append(Gap(time.time_ns(), str(e)))
-                self.last_error = str(e)
-                log.error(
-                    "journal failed; guest writes continue, protection is broken",
-                    extra={"volume": self.name, "err": str(e)},
-                )
+                self._broken(str(e))
         cs = self.chunk_size
-        self.dirty.update(range(offset // cs, (offset + length + cs - 1) // cs))
+        for offset, data, length, _ in ops:
+            n = len(data) if data is not None else length
+            self.dirty.update(range(offset // cs, (offset + n + cs - 1) // cs))
+
+    def _broken(self, reason: str) -> None:
+        self.gaps.append(Gap(time.time_ns(), reason))
+        self.last_error = reason
+        log.error(
+            "journal failed; guest writes continue, protection is broken",
+            extra={"volume": self.name, "err": reason},
+        )
 
     def repair(self, journal: Journal) -> int:
         """Capture the chunks written while the journal failed; returns the seq it resumes at.
@@ -168,7 +184,10 @@ class Export:
 
     # ------------------------------------------------------------------ operations
     def write(self, offset: int, data: bytes | memoryview) -> int:
-        """pwrite to the image, append to the journal; returns an NBD errno (0 = ok)."""
+        """pwrite to the image and queue the journal append; returns an NBD errno (0 = ok).
+
+        ``data`` must stay valid until ``commit()`` (the server commits before reusing it).
+        """
         n = len(data)
         try:
             done = os.pwrite(self.fd, data, offset)
@@ -178,7 +197,7 @@ class Export:
             self.last_error = f"image write failed: {e.strerror}"
             log.error("image write failed", extra={"volume": self.name, "err": str(e)})
             return _errno_for(e)
-        self._record(lambda j: j.write(self.name, offset, data), offset, n)
+        self._queue.append((offset, data, n, False))
         self._write_gen += 1
         self.stats.writes += 1
         self.stats.bytes_written += n
@@ -197,7 +216,7 @@ class Export:
         except OSError as e:
             self.last_error = f"image zero failed: {e.strerror}"
             return _errno_for(e)
-        self._record(lambda j: j.zero(self.name, offset, length, trim=trim), offset, length)
+        self._queue.append((offset, None, length, trim))
         self._write_gen += 1
         return 0
 
@@ -214,6 +233,7 @@ class Export:
 
         Group commit: flushes that arrive while one runs share the next fdatasync.
         """
+        self.commit()
         my_gen = self._write_gen
         async with self._flush_lock:
             if self._flushed_gen >= my_gen:
@@ -224,12 +244,9 @@ class Export:
                 try:
                     await asyncio.to_thread(self._journal().sync)
                 except (JournalError, OSError) as e:
-                    self._record(lambda j: None, 0, 0)  # no-op; mark below
-                    self.gaps.append(Gap(time.time_ns(), str(e)))
-                    log.error(
-                        "journal sync failed; protection is broken",
-                        extra={"volume": self.name, "err": str(e)},
-                    )
+                    self._broken(f"journal sync failed: {e}")
+                    cs = self.chunk_size  # what the failed sync covered must be recaptured
+                    self.dirty.update(range((self.size + cs - 1) // cs))
             self._flushed_gen = target
             self.stats.flushes += 1
 

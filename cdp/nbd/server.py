@@ -54,16 +54,16 @@ class NbdConnection(asyncio.Protocol):
         self._paused = False
         self._writing_paused = False
         self._disc = False
+        self._out: list[bytes | memoryview] | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self.peer = str(transport.get_extra_info("peername") or "unix")
         if self.exports.shutting_down:
             transport.close()
             return
-        transport.write(proto.server_greeting())
+        self._send(proto.server_greeting())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = _PHASE_CLOSED
@@ -96,7 +96,9 @@ class NbdConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ plumbing
     def _send(self, *parts: bytes | memoryview) -> None:
-        if self.transport is not None and self.phase != _PHASE_CLOSED:
+        if self._out is not None:
+            self._out.extend(parts)  # sent at the end of the batch, after the journal append
+        elif self.transport is not None and self.phase != _PHASE_CLOSED:
             self.transport.writelines(parts)
 
     def _abort(self) -> None:
@@ -116,7 +118,12 @@ class NbdConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _maybe_resume(self) -> None:
-        if self._paused and not self._writing_paused and len(self.tasks) < _MAX_PENDING // 2:
+        if (
+            self._paused
+            and not self._disc
+            and not self._writing_paused
+            and len(self.tasks) < _MAX_PENDING // 2
+        ):
             self._paused = False
             if self.transport is not None and self.phase != _PHASE_CLOSED:
                 self.transport.resume_reading()
@@ -126,8 +133,8 @@ class NbdConnection(asyncio.Protocol):
     def _process(self) -> None:
         while self.phase != _PHASE_CLOSED and not self._paused:
             if self.phase == _PHASE_TRANSMISSION:
-                if not self._one_request():
-                    return
+                self._transmission()
+                return
             elif self.phase == _PHASE_OPTIONS:
                 if not self._one_option():
                     return
@@ -301,29 +308,54 @@ class NbdConnection(asyncio.Protocol):
         )
 
     # ------------------------------------------------------------------ transmission
-    def _one_request(self) -> bool:
+    def _transmission(self) -> None:
+        """Handle every complete request in the buffer as one batch.
+
+        Writes go to the image as they come (so later reads in the batch see them) and are
+        queued for the journal; at the end the queue is appended with one writev, and only
+        then are the batch's replies sent, with one send.
+        """
+        ex = self.export
+        assert ex is not None
         buf = self.buf
-        if len(buf) < 28:
-            return False
-        magic, flags, cmd, cookie, offset, length = proto.REQUEST.unpack_from(buf)
-        if magic != proto.REQUEST_MAGIC:
-            raise proto.ProtocolError(f"bad request magic {magic:#x}")
-        if cmd == proto.CMD_WRITE:
-            if length > proto.MAX_REQUEST:
-                raise proto.ProtocolError(f"write payload of {length} bytes")
-            if len(buf) < 28 + length:
-                return False
-            with memoryview(buf) as mv:
-                payload = mv[28 : 28 + length]
-                try:
+        out: list[bytes | memoryview] = []
+        self._out = out
+        mv = memoryview(buf)
+        views: list[memoryview] = []
+        pos = 0
+        try:
+            while self.phase == _PHASE_TRANSMISSION and not self._paused and not self._disc:
+                if len(buf) - pos < 28:
+                    break
+                magic, flags, cmd, cookie, offset, length = proto.REQUEST.unpack_from(buf, pos)
+                if magic != proto.REQUEST_MAGIC:
+                    raise proto.ProtocolError(f"bad request magic {magic:#x}")
+                if cmd == proto.CMD_WRITE:
+                    if length > proto.MAX_REQUEST:
+                        raise proto.ProtocolError(f"write payload of {length} bytes")
+                    if len(buf) - pos < 28 + length:
+                        break
+                    payload = mv[pos + 28 : pos + 28 + length]
+                    views.append(payload)
+                    pos += 28 + length
                     self._write(flags, cookie, offset, payload)
-                finally:
-                    payload.release()
-            del buf[: 28 + length]
-            return True
-        del buf[:28]
-        self._command(cmd, flags, cookie, offset, length)
-        return True
+                else:
+                    pos += 28
+                    self._command(cmd, flags, cookie, offset, length)
+        finally:
+            try:
+                ex.commit()
+            finally:
+                for v in views:
+                    v.release()
+                mv.release()
+                if self.phase == _PHASE_CLOSED:
+                    buf.clear()
+                else:
+                    del buf[:pos]
+                self._out = None
+                if out and self.transport is not None:
+                    self.transport.writelines(out)
 
     def _error(self, cookie: int, err: int, msg: str, *, is_read: bool = False) -> None:
         if self.structured:
@@ -465,7 +497,6 @@ class NbdConnection(asyncio.Protocol):
         """NBD_CMD_DISC: finish outstanding requests, send no reply, close."""
         self._disc = True
         self.phase = _PHASE_CLOSED if not self.tasks else self.phase
-        self.buf.clear()
         if not self.tasks:
             self._close()
         else:
