@@ -652,6 +652,7 @@ class Journal:
             else:
                 return
         done = self._durable
+        ok = False
         try:
             with self._append_lock:
                 w = self._writer
@@ -665,9 +666,11 @@ class Journal:
                     self._failed = StorageError("fdatasync", w.file.path, e)
                     raise self._failed from e
                 w.synced_upto = min(done[1], MAX_SEGMENT)
+            ok = True
         finally:
             with self._sync_cv:
-                self._durable = max(self._durable, done)
+                if ok:  # only a successful fsync moves the durable mark
+                    self._durable = max(self._durable, done)
                 self._syncing = False
                 self._sync_cv.notify_all()
 
