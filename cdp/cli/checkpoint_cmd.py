@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from cdp.cli.api_client import ApiClient
-from cdp.cli.common import Subparsers, add_verb, load, point_time, volumes_for
+from cdp.cli.common import Subparsers, add_verb, api_client, load, point_time, volumes_for
 from cdp.errors import OperationFailed
 from cdp.when import check_point_name
 
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.name is not None:
         body["name"] = args.name
-    reply = asyncio.run(ApiClient(config.api_address()).post("/v1/checkpoint", body))
+    reply = asyncio.run(api_client(config).post("/v1/checkpoint", body))
     name, seq, group = reply.get("name"), reply.get("seq"), reply.get("group")
     if not isinstance(name, str) or not isinstance(seq, int) or not isinstance(group, str):
         raise OperationFailed(f"the daemon's checkpoint reply is incomplete: {reply}")

@@ -13,6 +13,8 @@ from cdp.errors import OperationFailed, PointNotRetained, UsageError
 from cdp.when import AtCheckpoint, AtSeq, AtSnapshot, AtTime, Latest, When, format_time_ns
 
 if TYPE_CHECKING:
+    from cdp.cli.api_client import ApiClient
+
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 else:
     Subparsers: TypeAlias = argparse._SubParsersAction
@@ -23,6 +25,7 @@ __all__ = [
     "Subparsers",
     "add_common_options",
     "add_verb",
+    "api_client",
     "approx_size",
     "describe_window",
     "load",
@@ -100,6 +103,17 @@ def load(args: argparse.Namespace) -> Config:
     """Load the config that ``main`` resolved into ``args.config``."""
     path: Path = args.config
     return load_config(path)
+
+
+def api_client(config: Config) -> ApiClient:
+    """A client for the API *config* names (``[daemon] api``, or ``[receiver] api``).
+
+    Imported on use: aiohttp is half of the CLI's start-up time, and usage errors, config
+    errors and ``cdp daemon`` itself (until it starts) do not need it.
+    """
+    from cdp.cli.api_client import ApiClient
+
+    return ApiClient(config.api_address())
 
 
 def volumes_for(config: Config, volume: str | None, group: str | None) -> tuple[VolumeConfig, ...]:

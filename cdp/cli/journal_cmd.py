@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from cdp.cli.api_client import ApiClient
-from cdp.cli.common import Subparsers, add_common_options, add_verb, load, volumes_for
+from cdp.cli.common import Subparsers, add_common_options, add_verb, api_client, load, volumes_for
 
 
 def add_parser(subparsers: Subparsers) -> None:
@@ -34,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     config = load(args)
     volumes_for(config, args.volume, None)
     reply = asyncio.run(
-        ApiClient(config.api_address()).post("/v1/journal/rebuild-index", {"volume": args.volume})
+        api_client(config).post("/v1/journal/rebuild-index", {"volume": args.volume})
     )
     print(
         f"rebuilt the journal index of group {reply.get('group')} (volume {args.volume}): "

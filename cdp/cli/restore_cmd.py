@@ -19,13 +19,13 @@ import os
 import stat
 import time
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import quote
 
-from cdp.cli.api_client import ApiClient
 from cdp.cli.common import (
     Subparsers,
     add_verb,
+    api_client,
     approx_size,
     load,
     point_time,
@@ -35,6 +35,9 @@ from cdp.cli.common import (
 )
 from cdp.errors import OperationFailed, OutputExists, PointNotRetained, UsageError
 from cdp.when import parse_when
+
+if TYPE_CHECKING:
+    from cdp.cli.api_client import ApiClient
 
 __all__ = ["SPARSE_BLOCK", "SparseWriter", "check_output_path", "open_output", "run"]
 
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     volumes_for(config, args.volume, None)
     output = Path(os.path.abspath(args.output))
     check_output_path(output, force=args.force)
-    client = ApiClient(config.api_address())
+    client = api_client(config)
     try:
         point = asyncio.run(
             client.post("/v1/resolve", {"volume": args.volume, "when": when_to_api(when)})

@@ -16,8 +16,15 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
-from cdp.cli.api_client import ApiClient
-from cdp.cli.common import Subparsers, add_verb, approx_size, describe_window, load, point_time
+from cdp.cli.common import (
+    Subparsers,
+    add_verb,
+    api_client,
+    approx_size,
+    describe_window,
+    load,
+    point_time,
+)
 from cdp.units import format_size
 
 
@@ -29,7 +36,7 @@ def add_parser(subparsers: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load(args)
-    doc = asyncio.run(ApiClient(config.api_address()).get("/v1/status"))
+    doc = asyncio.run(api_client(config).get("/v1/status"))
     if args.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
