@@ -84,6 +84,7 @@ class BlockStore:
         self._pending_sizes: dict[int, int] = {}
         self._writer: File | None = None
         self._writer_no = 0
+        self._failed: OSError | None = None
         storage.makedirs(folder)
 
     # -- naming and opening -------------------------------------------------------------
@@ -195,6 +196,7 @@ class BlockStore:
         Hash first, then look up, then compress only what is new: a rewrite of data the
         store already has (zeros, clones, a guest rewriting a file) costs one hash.
         """
+        self._check()
         many = len(chunks) > 1
         ids = [
             BlockId(d)
@@ -217,11 +219,15 @@ class BlockStore:
                 b = ids[k]
                 if b in self._pending:
                     continue
-                f = self._writable()
                 head = ENTRY.pack(
                     b, len(chunks[k]), len(body), codec, xxhash.xxh3_64_intdigest(body)
                 )
-                off = f.append([head, body])
+                try:
+                    f = self._writable()
+                    off = f.append([head, body])
+                except OSError as e:
+                    self._failed = e
+                    raise
                 self._pending[b] = (self._writer_no, off, len(body), len(chunks[k]))
                 self._pending_sizes[self._writer_no] = f.size()
             refs: list[BlockRef] = []
@@ -248,15 +254,30 @@ class BlockStore:
         self._pending_sizes[n] = f.size()
         return f
 
-    def flush(self) -> None:
-        """fsync every pack written since the last flush, then index the new blocks."""
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise OSError(self._failed.errno, f"block store stopped after: {self._failed}")
+
+    def flush(self, *, replace: bool = False) -> None:
+        """fsync every pack written since the last flush, then index the new blocks.
+
+        ``replace``: the blocks were moved by a repack, so their new rows replace the old.
+
+        Fail-stop: after a failed fsync the kernel may have dropped the pages, so a retry
+        could "succeed" with nothing on disk; every later call raises instead.
+        """
         with self._lock:
+            self._check()
             if not self._pending_sizes:
                 return
-            for n in self._pending_sizes:
-                self._files[n].sync()
+            try:
+                for n in self._pending_sizes:
+                    self._files[n].sync()
+            except OSError as e:
+                self._failed = e
+                raise
             rows = [(bid, *loc) for bid, loc in self._pending.items()]
-            self.index.add_blocks(rows, dict(self._pending_sizes))
+            self.index.add_blocks(rows, dict(self._pending_sizes), replace=replace)
             self._pending.clear()
             self._pending_sizes.clear()
 
@@ -344,7 +365,7 @@ class BlockStore:
                 victims.append(n)
             if not victims:
                 return 0, 0
-            self.flush_moved()
+            self.flush(replace=True)
             self.index.remove_packs(victims)
             for n in victims:
                 f0 = self._files.pop(n, None)
@@ -353,16 +374,6 @@ class BlockStore:
                 self.storage.remove(self._pack_path(n))
             self.storage.sync_dir(self.folder)
             return dropped, len(victims)
-
-    def flush_moved(self) -> None:
-        """Like flush(), but the new locations replace the old rows (blocks were moved)."""
-        with self._lock:
-            for n in self._pending_sizes:
-                self._files[n].sync()
-            rows = [(bid, *loc) for bid, loc in self._pending.items()]
-            self.index.add_blocks(rows, dict(self._pending_sizes), replace=True)
-            self._pending.clear()
-            self._pending_sizes.clear()
 
     def stats(self) -> StoreStats:
         nums = self.pack_numbers()

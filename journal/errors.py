@@ -4,6 +4,7 @@ Tree::
 
     JournalError
      ├── SegmentCorrupt      a checksum or structure failure inside a segment (not a torn tail)
+     │    └── SegmentHeaderTorn   header short or unreadable (a segment born just before a crash)
      ├── BlockCorrupt        a stored block does not match its checksum or its name
      ├── BlockMissing        a referenced block is not in the block store
      ├── PointNotRetained    a seq or time outside the retained journal window
@@ -41,6 +42,14 @@ class SegmentCorrupt(JournalError):
         self.segment = segment
         self.offset = offset
         self.reason = reason
+
+
+class SegmentHeaderTorn(SegmentCorrupt):
+    """A segment header is short or unreadable: a file created just before a crash.
+
+    Recovery may drop such a segment when nothing after it was ever synced; a readable
+    header that is wrong (another journal, another number, a newer version) is never dropped.
+    """
 
 
 class BlockCorrupt(JournalError):

@@ -33,6 +33,7 @@ from .errors import (
     NoSuchVolume,
     PointNotRetained,
     SegmentCorrupt,
+    SegmentHeaderTorn,
     StorageError,
 )
 from .index import Index, SegmentEntry
@@ -168,9 +169,21 @@ class Journal:
 
     def _open(self) -> None:
         st = self.storage
+        fresh = not st.exists(self.path)
         st.makedirs(self.path)
         st.makedirs(self.seg_dir)
+        st.makedirs(os.path.join(self.path, "packs"))
+        st.sync_dir(self.path)  # segments/ and packs/ must survive a power loss
+        if fresh:
+            st.sync_dir(os.path.dirname(os.path.abspath(self.path)))
         meta_path = os.path.join(self.path, "journal.meta")
+        if not st.exists(meta_path) and (
+            st.listdir(self.seg_dir) or st.listdir(os.path.join(self.path, "packs"))
+        ):
+            raise JournalError(
+                f"{meta_path} is missing but {self.path} holds segments or packs",
+                hint="restore journal.meta from a backup; a new identity would orphan them",
+            )
         if st.exists(meta_path):
             meta = codec.unpack_obj(st.read_all(meta_path))
             if meta.get("format") != FORMAT_VERSION:
@@ -297,11 +310,16 @@ class Journal:
             f = st.open(path)
             try:
                 res = scan(
-                    f.pread(f.size(), 0), name, journal_uuid=self.uuid, tail_allowed=not sealed
+                    f.pread(f.size(), 0),
+                    name,
+                    journal_uuid=self.uuid,
+                    tail_allowed=not sealed,
+                    segment_no=no,
                 )
             except SegmentCorrupt as e:
                 f.close()
-                if sealed or e.offset != 0 or not self._droppable(numbers[i:], found):
+                torn = isinstance(e, SegmentHeaderTorn)
+                if sealed or not torn or not self._droppable(numbers[i + 1 :], found):
                     raise
                 self._drop_segments(numbers[i:], found)  # a new segment whose header was lost
                 truncated = (name, 0, -1)
@@ -774,7 +792,12 @@ class Journal:
                         break
                     no = self._unsealed[0]
                     seg = next(s for s in self.segs if s.no == no)
-                self._seal(seg)
+                self._check_open()
+                try:
+                    self._seal(seg)
+                except OSError as e:  # fail-stop: a failed pack fsync is never retried
+                    self._failed = StorageError("seal", self._seg_path(seg.no, False), e)
+                    raise self._failed from e
                 with self._append_lock:
                     self._unsealed.popleft()
                 done += 1
@@ -908,9 +931,14 @@ class Journal:
                 self.released_holds += released
                 return FoldReport(0, Seq(self.base_seq), 0, 0, 0, tuple(released), short)
             folded = run[:fold_n]
-            rewritten = self._fold(folded)
-            live = self._live_blocks()
-            blocks, packs = self.store.collect(live)
+            self._check_open()
+            try:
+                rewritten = self._fold(folded)
+                live = self._live_blocks()
+                blocks, packs = self.store.collect(live)
+            except OSError as e:
+                self._failed = StorageError("fold", self.path, e)
+                raise self._failed from e
             if over or released:
                 self.history_short = True
             self.released_holds += released

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from .errors import SegmentCorrupt
+from .errors import SegmentCorrupt, SegmentHeaderTorn
 from .storage import File
 
 MAGIC = b"CDPJSEG1"
@@ -79,12 +79,12 @@ class SegmentHeader:
 
 def decode_header(buf: bytes, name: str) -> SegmentHeader:
     if len(buf) < HEADER_SIZE:
-        raise SegmentCorrupt(name, 0, "shorter than a segment header")
+        raise SegmentHeaderTorn(name, 0, "shorter than a segment header")
     magic, version, flags, _, seg_no, first_seq, uuid, csum = HEADER.unpack_from(buf)
     if magic != MAGIC:
-        raise SegmentCorrupt(name, 0, "not a cdp segment (bad magic)")
+        raise SegmentHeaderTorn(name, 0, "not a cdp segment header (bad magic)")
     if xxhash.xxh3_64_intdigest(buf[:48]) != csum:
-        raise SegmentCorrupt(name, 0, "segment header checksum mismatch")
+        raise SegmentHeaderTorn(name, 0, "segment header checksum mismatch")
     if version != VERSION:
         raise SegmentCorrupt(name, 0, f"unsupported segment version {version}")
     return SegmentHeader(seg_no, first_seq, uuid, bool(flags & FLAG_SEALED))
@@ -107,7 +107,14 @@ class ScanResult:
     torn_reason: str | None
 
 
-def scan(buf: bytes, name: str, *, journal_uuid: bytes, tail_allowed: bool) -> ScanResult:
+def scan(
+    buf: bytes,
+    name: str,
+    *,
+    journal_uuid: bytes,
+    tail_allowed: bool,
+    segment_no: int | None = None,
+) -> ScanResult:
     """Parse a whole segment image and apply the recovery rule.
 
     ``tail_allowed`` is True only for the newest hot segment: older and sealed segments were
@@ -116,6 +123,10 @@ def scan(buf: bytes, name: str, *, journal_uuid: bytes, tail_allowed: bool) -> S
     header = decode_header(buf, name)
     if header.journal_uuid != journal_uuid:
         raise SegmentCorrupt(name, 0, "segment belongs to another journal")
+    if segment_no is not None and header.segment_no != segment_no:
+        raise SegmentCorrupt(
+            name, 0, f"header says segment {header.segment_no}: the file was renamed or copied"
+        )
     seed = segment_seed(journal_uuid, header.segment_no)
     view = memoryview(buf)
     frames: list[Frame] = []
