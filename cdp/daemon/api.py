@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 DAEMON_KEY = web.AppKey("daemon", Daemon)
 STREAM_CHUNK = 1 << 20
+# Name prefix of the export holds image downloads take; holds are saved with the journal,
+# so a daemon killed mid-download leaves one behind, which ApiServer.start releases.
+IMAGE_HOLD_PREFIX = "api-image:"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -222,7 +225,7 @@ async def image(request: web.Request) -> web.StreamResponse:
     resolve_when(g, {"kind": "seq", "seq": seq})
     j = g.journal
     size = j.volume_size(vol)
-    hold = f"{vol}:{id(request)}"
+    hold = f"{IMAGE_HOLD_PREFIX}{vol}:{id(request)}"
     await asyncio.to_thread(j.set_hold, "export", hold, seq)  # retention must not fold it away
     try:
         resp = web.StreamResponse(
@@ -264,12 +267,27 @@ def make_app(daemon: Daemon) -> web.Application:
     return app
 
 
+def release_stale_image_holds(daemon: Daemon) -> None:
+    """Drop image-download holds left by an earlier process: no download outlives its daemon.
+
+    Otherwise such a hold pins history for good: retention never folds past a hold, and the
+    size cap releases only replica holds.
+    """
+    for g in daemon.groups.values():
+        for kind, name in list(g.journal.holds):
+            if kind == "export" and name.startswith(IMAGE_HOLD_PREFIX):
+                g.journal.release_hold(kind, name)
+                log.warning("released a stale image hold", extra={"group": g.name, "hold": name})
+
+
 class ApiServer:
     def __init__(self, daemon: Daemon, address: Address) -> None:
         self.address = address
+        self.daemon = daemon
         self.runner = web.AppRunner(make_app(daemon), access_log=None)
 
     async def start(self) -> None:
+        await asyncio.to_thread(release_stale_image_holds, self.daemon)
         await self.runner.setup()
         a = self.address
         if a.kind == "unix":
