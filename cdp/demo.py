@@ -147,12 +147,12 @@ class Demo:
         return vol
 
     def wait(self, check: Callable[[], T | None], what: str) -> T:
-        """Poll *check* until it returns a value; fail after DEADLINE_S."""
+        """Poll *check* until it returns a true value; fail after DEADLINE_S."""
         end = time.monotonic() + DEADLINE_S
         while True:
             self.check_daemon_alive()
             result = check()
-            if result is not None and result is not False:
+            if result:
                 return result
             if time.monotonic() > end:
                 raise DemoFailed(f"gave up waiting for {what} after {DEADLINE_S:g}s")

@@ -43,7 +43,7 @@ def need_qemu_tools() -> None:
 def wait_for(
     check: Callable[[], T | None], what: str, *, deadline_s: float = DEADLINE_S, every: float = 0.05
 ) -> T:
-    """Call *check* until it returns something other than None or False; return that.
+    """Call *check* until it returns a true value (not None, False, 0 or empty); return it.
 
     Raises AssertionError naming *what* (and the last exception *check* raised) when the
     deadline passes.
@@ -55,7 +55,7 @@ def wait_for(
             result = check()
         except (AssertionError, OSError, ValueError, subprocess.SubprocessError) as e:
             result, last_error = None, e
-        if result is not None and result is not False:
+        if result:
             return result
         if time.monotonic() > end:
             detail = f" (last error: {last_error!r})" if last_error else ""

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -287,6 +288,29 @@ def test_kill9_then_restart(site: Path, daemons: list[Daemon]) -> None:
     cdp(cfg, "restore", "disk0", "--at", f"seq:{captured_window['last_seq']}",
         "--output", str(site / "r-before.raw"))  # fmt: skip
     assert not same_bytes(site / "r-before.raw", image)  # the 0x88 write came later
+    assert d2.stop() == 0
+
+
+def test_kill9_during_a_restore_leaves_no_hold(site: Path, daemons: list[Daemon]) -> None:
+    """A download holds its point; a daemon killed mid-download must not keep it forever."""
+    cfg = write_config(site, image=site / "disk.raw")
+    d = start(daemons, cfg, site / "daemon.log")
+    d.wait_onboarded()
+    seq = d.group()["window"]["last_seq"]
+    # A client that asks for the image and then stops reading: the daemon blocks mid-stream.
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(site / "api.sock"))
+        client.sendall(
+            f"GET /v1/volumes/disk0/image?seq={seq} HTTP/1.1\r\nHost: cdp\r\n\r\n".encode()
+        )
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        held = wait_for(lambda: d.group()["holds"], "the download's hold")
+        assert [(h["kind"], h["seq"]) for h in held] == [("export", seq)]
+        d.signal(signal.SIGKILL)
+        assert d.wait_exit() == -signal.SIGKILL
+    d2 = start(daemons, cfg, site / "daemon2.log")
+    assert d2.group()["holds"] == []
+    assert "released a stale image hold" in d2.log()
     assert d2.stop() == 0
 
 
