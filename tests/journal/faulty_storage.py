@@ -272,11 +272,17 @@ class FaultyStorage:
     def count(self, kind: str, path_contains: str = "") -> int:
         return sum(1 for r in self.oplog if r.kind == kind and path_contains in r.path)
 
-    def _norm(self, path: str) -> str:
+    def _norm(self, path: str, *, ancestor_ok: bool = False) -> str:
+        """Absolute path under root; the root's ancestors (durable, never changed) on request."""
         p = os.path.normpath(os.path.abspath(path))
         if p != self.root and not p.startswith(self.root + os.sep):
+            if ancestor_ok and (self.root + os.sep).startswith(p.rstrip(os.sep) + os.sep):
+                return p
             raise ValueError(f"{path} is outside the storage root {self.root}")
         return p
+
+    def _outside(self, p: str) -> bool:
+        return p != self.root and not p.startswith(self.root + os.sep)
 
     def _is_dir(self, ns: dict[str, _Inode | _Dir], p: str) -> bool:
         return p == self.root or ns.get(p) is DIR
@@ -339,10 +345,10 @@ class FaultyStorage:
             return out
 
     def exists(self, path: str) -> bool:
-        p = self._norm(path)
+        p = self._norm(path, ancestor_ok=True)
         with self._lock:
             self._simple("exists", p)
-            out = p == self.root or p in self._cur
+            out = p == self.root or p in self._cur or self._outside(p)
             self._end("exists", p)
             return out
 
@@ -357,9 +363,12 @@ class FaultyStorage:
             return out
 
     def makedirs(self, path: str) -> None:
-        p = self._norm(path)
+        p = self._norm(path, ancestor_ok=True)
         with self._lock:
             self._simple("makedirs", p)
+            if self._outside(p):
+                self._end("makedirs", p)
+                return
             chain = []
             q = p
             while q != self.root:
@@ -402,10 +411,13 @@ class FaultyStorage:
             self._end("remove", p)
 
     def sync_dir(self, path: str) -> None:
-        p = self._norm(path)
+        p = self._norm(path, ancestor_ok=True)
         self._hook("sync_dir", p)
         with self._lock:
             self._simple("sync_dir", p)
+            if self._outside(p):  # the root's ancestors are durable already
+                self._end("sync_dir", p)
+                return
             if not self._is_dir(self._cur, p):
                 raise FileNotFoundError(errno_mod.ENOENT, "No such folder", path)
             for q in [q for q in self._dur if os.path.dirname(q) == p]:
@@ -417,7 +429,25 @@ class FaultyStorage:
             self._dirops = [op for op in self._dirops if p not in _op_folders(op)]
             self._end("sync_dir", p)
 
-    # ------------------------------------------------------------------ inspection helpers
+    # ------------------------------------------------------------------ crafting and inspection
+    def write_file(self, path: str, data: bytes) -> None:
+        """Put a file with durable content and entry in place (to craft a crash state)."""
+        p = self._norm(path)
+        with self._lock:
+            node = self._cur.get(p)
+            if isinstance(node, _Inode):
+                node.durable, node.data, node.pending, node.lost = data, bytearray(data), [], False
+            else:
+                node = self._new_inode(data)
+            self._cur[p] = self._dur[p] = node
+
+    def delete_file(self, path: str) -> None:
+        """Remove a file and its entry durably (to craft a crash state)."""
+        p = self._norm(path)
+        with self._lock:
+            self._cur.pop(p, None)
+            self._dur.pop(p, None)
+
     def files(self) -> dict[str, bytes]:
         """What a reader sees now: relative path -> content (files only)."""
         with self._lock:

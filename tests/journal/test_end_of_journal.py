@@ -356,11 +356,6 @@ def _payload_like(seq: int) -> bytes:
 
 
 # ---------------------------------------------------------------------- foreign / stale segments
-@pytest.mark.xfail(
-    strict=True,
-    reason="journal bug: _recover_segments drops (deletes) a newest hot segment whose header "
-    "is valid but names another journal, as if it were a never-synced torn header",
-)
 def test_segment_from_another_journal_is_rejected(small: Built, tmp_path) -> None:
     """A foreign segment is refused (SegmentCorrupt) and left on disk, never deleted."""
     other = build(str(tmp_path / "other"), small.last_seq + 5, seed=9)
@@ -382,11 +377,6 @@ def test_segment_from_another_journal_is_rejected(small: Built, tmp_path) -> Non
     shutil.rmtree(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="journal bug: without journal.meta, open() makes a new uuid and then deletes every "
-    "hot segment as 'never synced' (SegmentCorrupt at offset 0 is taken for a torn header)",
-)
 def test_missing_meta_never_deletes_segments(tmp_path) -> None:
     """Losing journal.meta must not turn into losing the journal."""
     b = build(str(tmp_path / "j"), 40, sync_every=3, options=JournalOptions(segment_size=8192))
@@ -415,11 +405,6 @@ def test_stale_copy_of_a_segment_is_rejected(small: Built) -> None:
     shutil.rmtree(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="journal bug (hardening): scan() never compares the header's segment_no with the "
-    "file name, so a segment renamed to another number is accepted",
-)
 def test_segment_under_a_wrong_number_is_rejected(small: Built) -> None:
     """Self-address: a segment whose header names another number than its file is stale.
 

@@ -195,16 +195,12 @@ def test_eio_on_the_roll_fsync_stops_the_journal(tmp_path) -> None:
     rig.power_loss_then_check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="journal bug: Journal.sync() advances _durable in its finally block even when the "
-    "leader's fdatasync raised, so parked group-commit waiters return as if durable",
-)
 def test_group_commit_waiter_is_not_told_durable_after_failed_fsync(rig: Rig) -> None:
     """Two callers share one fdatasync; it fails; neither may return as if durable.
 
     The leader raises. A caller that waited for the leader's fsync (its records were covered
-    by that fsync) must raise too, not return normally.
+    by that fsync) must raise too: neither return at once as if durable, nor take over as
+    leader and retry the fsync (after fsyncgate a retried fsync succeeds without persisting).
     """
     for _ in range(3):
         rig.write()
@@ -245,11 +241,6 @@ def test_group_commit_waiter_is_not_told_durable_after_failed_fsync(rig: Rig) ->
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="journal bug: an OSError from BlockStore.flush() in seal_pending() propagates raw; "
-    "the journal keeps accepting writes (no _failed)",
-)
 def test_eio_on_pack_fsync_while_sealing_is_fail_stop(tmp_path) -> None:
     """A failed pack fsync during seal_pending must not be retried and trusted later."""
     rig = Rig(str(tmp_path / "j"), options=SMALL)
@@ -262,11 +253,6 @@ def test_eio_on_pack_fsync_while_sealing_is_fail_stop(tmp_path) -> None:
     rig.assert_stopped()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="journal bug: after a failed pack fsync BlockStore keeps _pending; the retried "
-    "flush() fsyncs nothing, indexes the lost blocks and the seal deletes the hot segment",
-)
 def test_eio_on_pack_fsync_then_retry_loses_nothing(tmp_path) -> None:
     """fsyncgate through the sealer: after a failed pack fsync, retrying the seal must not
     make sealed segments reference blocks whose bytes never reached the disk."""
