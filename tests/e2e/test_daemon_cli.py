@@ -192,6 +192,19 @@ def test_every_verb_against_a_live_daemon(site: Path, daemons: list[Daemon]) -> 
     assert "no volume 'nope'" in cdp(cfg, "journal", "rebuild-index", "nope", check=2).err
     assert not (site / "r-none.raw").exists() and not (site / "x").exists()
 
+    # a volume this config names but the running daemon does not (it was started with an
+    # older config): the daemon answers 404, an operation failure, exit 1
+    newer = site / "newer.toml"
+    newer.write_text(
+        cfg.read_text() + '\n[[volume]]\nname = "disk9"\nsize = "1MiB"\nsource = "scan"\n'
+        'path = "disk9.raw"\n'
+    )
+    assert cdp(newer, "checkpoint", "disk9", check=1).err.startswith(
+        "Error: no volume named 'disk9'"
+    )
+    res = cdp(newer, "restore", "disk9", "--at", "latest", "--output", str(site / "x"), check=1)
+    assert "no volume named 'disk9'" in res.err and not (site / "x").exists()
+
     # group checkpoint with a generated name
     out = cdp(cfg, "checkpoint", "--group", "disk0").out
     assert re.fullmatch(r"checkpoint cp-\d+: seq \d+ at \S+Z \(group disk0\)\n", out), out
