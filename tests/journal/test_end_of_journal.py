@@ -462,6 +462,48 @@ def test_flip_in_a_middle_frame_of_a_closed_segment(multi: Built, sealed: bool) 
     shutil.rmtree(path)
 
 
+@pytest.fixture(scope="module")
+def multi_one_sync(tmp_path_factory) -> Built:
+    """Several 8 KiB segments written without sync(); close() syncs everything once."""
+    return build(
+        str(tmp_path_factory.mktemp("eoj") / "m1"),
+        40,
+        options=JournalOptions(segment_size=8 * 1024),
+    )
+
+
+def test_flip_in_a_closed_segment_without_later_claims_is_corruption(
+    multi_one_sync: Built,
+) -> None:
+    """Every record here was acknowledged durable (close() synced), and segment 1 was rolled
+    and fsynced whole long before. A bit flip in its middle is damage to durable data: it must
+    be SegmentCorrupt, never a "torn tail" that truncates segment 1 and deletes every later
+    segment (no frame carries a synced_upto claim, because sync() writes no frame)."""
+    b = multi_one_sync
+    path = b.copy()
+    segs = segments(path)
+    assert len(segs) >= 4
+    seg = segs[0]
+    with open(seg, "rb") as f:
+        frames = parse_frames(f.read())
+    fr = frames[len(frames) // 2]
+    _flip(seg, fr.offset + FRAME.size + fr.length // 2, 2)
+    try:
+        j = reopen(b, path)
+    except SegmentCorrupt as e:
+        assert (e.segment, e.offset) == (rel(path, seg), fr.offset)
+    else:
+        with j:
+            lost = b.last_seq - j.window().last_seq
+            pytest.fail(
+                f"a flip in a closed segment was taken for a torn tail: {lost} acknowledged "
+                f"records dropped, segments left: {len(segments(path))} of {len(segs)} "
+                f"({j.recovery})"
+            )
+    finally:
+        shutil.rmtree(path)
+
+
 def test_flip_in_the_last_frame_of_a_closed_segment_is_corruption(multi: Built) -> None:
     """Only the newest hot segment may have a torn tail; an older one's last frame may not."""
     path = multi.copy()
