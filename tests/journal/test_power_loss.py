@@ -1,7 +1,7 @@
 """Simulated power loss (reliability.md C2, C3): every crash image opens to a durable prefix.
 
 A seeded workload (writes of 512 B..200 KiB, zeroes, checkpoints, syncs, segment rolls,
-seal_pending, one apply_retention, one clean reopen) runs on ``FaultyStorage``. An oracle keeps
+seal_pending, two apply_retention passes, clean reopens) runs on ``FaultyStorage``. An oracle keeps
 every record by seq and the highest seq covered by a completed ``sync()`` (acknowledged
 durable). The storage state is frozen after every mutating operation; each frozen state is
 turned into crash images (drop_all, keep_some, reorder, dirents; sometimes without the index)
@@ -55,10 +55,15 @@ def make_steps(seed: int, n: int) -> list[tuple]:
     steps: list[tuple] = [("vol", "vda", VOLS["vda"]), ("vol", "vdb", VOLS["vdb"]), ("sync",)]
     retention_at = rng.randrange(n // 2, n * 3 // 4)
     reopen_at = rng.randrange(n // 4, n // 2)
+    second_retention_at = n - max(3, n // 8)  # right after a reopen: no current pack
     for i in range(n):
         if i == retention_at:
             steps.append(("seal", 100))
             steps.append(("retention", (i // 2) * SEC))
+        if i == second_retention_at:
+            steps.append(("seal", 100))
+            steps.append(("reopen",))
+            steps.append(("retention", (i // 4) * SEC))
         if i == reopen_at:
             steps.append(("reopen",))
         r = rng.random()
