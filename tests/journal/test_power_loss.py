@@ -56,7 +56,13 @@ def make_steps(seed: int, n: int) -> list[tuple]:
     retention_at = rng.randrange(n // 2, n * 3 // 4)
     reopen_at = rng.randrange(n // 4, n // 2)
     second_retention_at = n - max(3, n // 8)  # right after a reopen: no current pack
+    hold_at = rng.randrange(n // 8, n // 3)  # held through the first fold, released before
+    release_at = rng.randrange(retention_at + 1, second_retention_at)
     for i in range(n):
+        if i == hold_at:
+            steps.append(("hold", "snap-a"))
+        if i == release_at:
+            steps.append(("release", "snap-a"))
         if i == retention_at:
             steps.append(("seal", 100))
             steps.append(("retention", (i // 2) * SEC))
@@ -105,6 +111,7 @@ class Oracle:
     acked: int = 0  # every seq <= acked was covered by a completed sync()
     attempted: int = 0  # the highest seq that may have reached the storage
     returned: int = 0  # the highest seq an append call returned (handed to the OS)
+    holds: dict[str, int] = field(default_factory=dict)  # set_hold returned, no release yet
     _cache: dict[int, dict[str, bytes]] = field(default_factory=dict)
 
     def expect(self, op: Op) -> int:
@@ -230,6 +237,13 @@ def run_workload(
                 j.seal_pending(st[1])
             elif kind == "retention":
                 j.apply_retention(keep_ns=st[1])
+            elif kind == "hold":
+                seq = oracle.returned
+                j.set_hold("snapshot", st[1], seq)
+                oracle.holds[st[1]] = seq
+            elif kind == "release":
+                del oracle.holds[st[1]]  # from the call on, either state may survive
+                j.release_hold("snapshot", st[1])
             elif kind == "reopen":
                 target = oracle.attempted
                 j.close()
@@ -252,6 +266,7 @@ class Point:
     acked: int
     attempted: int
     returned: int
+    holds: dict[str, int] = field(default_factory=dict)
 
 
 def check_image(
@@ -261,11 +276,20 @@ def check_image(
     attempted: int,
     clock: ManualClock,
     rng: random.Random,
+    holds: dict[str, int] | None = None,
 ) -> str:
-    """Reopen a crash image and check every promise; returns a one-line summary."""
+    """Reopen a crash image and check every promise; returns a one-line summary.
+
+    ``holds``: snapshot holds whose set_hold() had returned (and no release had begun); each
+    must survive, and no fold may have passed it.
+    """
     j = open_journal(img, clock)  # must not raise
     try:
         w = j.window()
+        for name, seq in (holds or {}).items():
+            h = j.holds.get(("snapshot", name))
+            assert h is not None and h.seq == seq, f"hold {name} at seq {seq} lost: {j.holds}"
+            assert w.first_seq <= seq, f"history folded to {w.first_seq}, past hold {name}@{seq}"
         assert w.last_seq >= acked, (
             f"acknowledged-durable seq {acked} lost: recovered last seq {w.last_seq}"
         )
@@ -351,7 +375,7 @@ def check_point(
                 if rel.startswith("index.sqlite") and not rel.endswith("-shm"):
                     with open(os.path.join(img.root, rel), "wb") as f:
                         f.write(data)
-        check_image(img, oracle, pt.acked, pt.attempted, LATER(), rng)
+        check_image(img, oracle, pt.acked, pt.attempted, LATER(), rng, pt.holds)
     finally:
         shutil.rmtree(img.root, ignore_errors=True)
 
@@ -367,7 +391,14 @@ def record_points(
     def after(st: FaultyStorage, rec: OpRecord) -> None:
         if rec.kind in MUTATING:
             points.append(
-                Point(rec, st.snapshot(), oracle.acked, oracle.attempted, oracle.returned)
+                Point(
+                    rec,
+                    st.snapshot(),
+                    oracle.acked,
+                    oracle.attempted,
+                    oracle.returned,
+                    dict(oracle.holds),
+                )
             )
 
     fs.after_op = after
@@ -495,7 +526,7 @@ def test_crash_at_random_points_stops_the_process(tmp_path, seed: int) -> None:
         for mode in rng.sample(IMAGE_MODES, 2):
             img = fs.crash_image(mode, rng)
             with fails.case(f"seed {seed} crash after op {k} mode {mode}"):
-                check_image(img, oracle, oracle.acked, oracle.attempted, LATER(), rng)
+                check_image(img, oracle, oracle.acked, oracle.attempted, LATER(), rng, oracle.holds)
             shutil.rmtree(img.root, ignore_errors=True)
     fails.assert_none()
 
@@ -559,7 +590,7 @@ def test_kill9_keeps_every_appended_record(tmp_path) -> None:
     for pt in points[:: max(1, len(points) // 25)]:
         img = pt.snap.crash_image("process", rng)
         with fails.case(f"op {pt.op.n} ({pt.op.kind})"):
-            check_image(img, oracle, pt.returned, pt.attempted, LATER(), rng)
+            check_image(img, oracle, pt.returned, pt.attempted, LATER(), rng, pt.holds)
         shutil.rmtree(img.root, ignore_errors=True)
     fails.assert_none()
 
@@ -591,7 +622,7 @@ def test_crash_during_recovery(tmp_path, seed: int) -> None:
                 f"seed {seed} op {pt.op.n} mode {mode}, then recovery op {rec.n} ({rec.kind} "
                 f"{os.path.relpath(rec.path, img.root)}) mode {mode2}"
             ):
-                check_image(img2, oracle, pt.acked, pt.attempted, LATER(), rng)
+                check_image(img2, oracle, pt.acked, pt.attempted, LATER(), rng, pt.holds)
             shutil.rmtree(img2.root, ignore_errors=True)
         shutil.rmtree(img.root, ignore_errors=True)
     assert fails.checked > 10
