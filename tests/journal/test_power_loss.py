@@ -1,20 +1,23 @@
 """Simulated power loss (reliability.md C2, C3): every crash image opens to a durable prefix.
 
 A seeded workload (writes of 512 B..200 KiB, zeroes, checkpoints, syncs, segment rolls,
-seal_pending, two apply_retention passes, clean reopens) runs on ``FaultyStorage``. An oracle keeps
-every record by seq and the highest seq covered by a completed ``sync()`` (acknowledged
-durable). The storage state is frozen after every mutating operation; each frozen state is
-turned into crash images (drop_all, keep_some, reorder, dirents; sometimes without the index)
-and reopened. Each must:
+seal_pending, a snapshot hold, two apply_retention passes, clean reopens) runs on
+``FaultyStorage``. An oracle keeps every record by seq and the highest seq covered by a
+completed ``sync()`` (acknowledged durable). The storage state is frozen after every mutating
+operation; each frozen state is turned into crash images (drop_all, keep_some, reorder,
+dirents; one in five without the SQLite index, one in five with the index of an earlier
+point) and reopened. Each must:
 
 - open without an exception;
-- keep every acknowledged-durable record: last seq >= acked;
+- keep every acknowledged-durable record: last seq >= acked, and every acknowledged hold;
 - hold a gap-free prefix of what was appended: seqs first+1..last, each equal to the oracle's;
 - read, at several seqs of its window, exactly the oracle's volume contents;
 - take new appends, and after ``sync()`` survive a further drop-all crash with all of them.
 
-Seeds are printed in every failure; rerun one with ``CDP_POWER_SEED=<seed>``. The full sweep
-(every operation, every mode, more seeds) is ``@pytest.mark.slow``.
+Seeds are printed in every failure; rerun one with ``CDP_POWER_SEED=<seed>``. With the roll
+fsync inline (the default here) a seed replays the same storage operations; tests marked
+``threaded`` use the journal's roll thread and add interleavings that do not replay exactly.
+The full sweep (every operation, every mode, more seeds) is ``@pytest.mark.slow``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ SEC = 1_000_000_000
 IMAGE_MODES = ("drop_all", "keep_some", "reorder", "dirents")
 
 
-def LATER() -> ManualClock:
+def LATER() -> ManualClock:  # a clock past anything the workloads wrote
     return ManualClock(1_800_000_000 * SEC)
 
 
