@@ -55,6 +55,17 @@ def run(cmd: list[str], *, timeout: float = DEADLINE_S, check: bool = True) -> s
     return proc.stdout + proc.stderr
 
 
+def qemu_io(target: str | Path, *cmds: str, writeback: bool = False) -> str:
+    """``qemu-io -f raw [-t writeback] -c CMD... TARGET`` (a URI or an image file); every
+    command must succeed (pattern checks included)."""
+    args = ["qemu-io", "-f", "raw", *(["-t", "writeback"] if writeback else [])]
+    for c in cmds:
+        args += ["-c", c]
+    out = run([*args, str(target)])
+    assert "fail" not in out.lower(), out
+    return out
+
+
 class _UnixHTTP(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -109,6 +120,7 @@ class CdpDaemon:
         self.log_path = root / "daemon.log"
         self.event_loop = event_loop
         self.proc: subprocess.Popen[bytes] | None = None
+        self._wait_onboarded = True
         self._write_config()
 
     def _write_config(self) -> None:
@@ -135,7 +147,10 @@ class CdpDaemon:
         self.config.write_text("\n".join(lines))
 
     # ------------------------------------------------------------------ process
-    def start(self) -> CdpDaemon:
+    def start(self, *, wait_onboarded: bool = True) -> CdpDaemon:
+        """Start and wait until the API answers and every export accepts (and, with
+        ``wait_onboarded``, every volume is onboarded)."""
+        self._wait_onboarded = wait_onboarded
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cdp", "daemon", "--config", str(self.config)],
@@ -155,7 +170,8 @@ class CdpDaemon:
             return False
         vols = {v["name"]: v for v in st["volumes"]}
         for v in self.volumes.values():
-            if vols.get(v.name, {}).get("onboarding", {}).get("state") != "done":
+            state = vols.get(v.name, {}).get("onboarding", {}).get("state")
+            if self._wait_onboarded and state != "done":
                 return False
             assert v.listen is not None
             if not accepts(v.listen):
@@ -334,12 +350,14 @@ def short_dir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def running_daemon(root: Path, volumes: list[Volume], **kw: Any) -> Iterator[CdpDaemon]:
+def running_daemon(
+    root: Path, volumes: list[Volume], *, wait_onboarded: bool = True, **kw: Any
+) -> Iterator[CdpDaemon]:
     """A started daemon with its sockets in a fresh short /tmp folder; stopped afterwards."""
     short = Path(tempfile.mkdtemp(prefix="cdpnbd-", dir="/tmp"))
     d = CdpDaemon(root, short, volumes, **kw)
     try:
-        d.start()
+        d.start(wait_onboarded=wait_onboarded)
         yield d
     finally:
         try:

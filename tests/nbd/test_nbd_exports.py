@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import nbdraw as n
 import pytest
-from conftest import Volume, need_tools, run, running_daemon
+from conftest import Volume, need_tools, qemu_io, run, running_daemon
 from nbdraw import RawNbd
 
 from cdp.nbd.export import Export, ExportSet
@@ -44,14 +44,6 @@ def listed(sock: str) -> list[str]:
         names = [r.data[4:].decode() for r in replies if r.type == n.REP_SERVER]
         c.send(n.option(n.OPT_ABORT))
         return names
-
-
-def qemu_io(uri: str, *cmds: str) -> None:
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    out = run([*args, uri])
-    assert "fail" not in out.lower(), out
 
 
 def test_two_volumes_one_group_two_sockets(tmp_path: Path) -> None:
