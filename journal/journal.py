@@ -42,6 +42,7 @@ from .segment import (
     ScanResult,
     SegmentHeader,
     SegmentWriter,
+    durable_note,
     scan,
     write_frames,
 )
@@ -131,6 +132,7 @@ class Journal:
         self._writer: SegmentWriter | None = None
         self._unsealed: deque[int] = deque()
         self._rolls: list[Future[None]] = []
+        self._note_durable = -1  # a segment whose roll fsync is done, not yet noted
         self._roller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-roll")
         self._ts = array("q")  # journal time of seq base_seq+1+i
         self.base_seq = 0
@@ -303,6 +305,7 @@ class Journal:
         records = 0
         expected = self.base_seq + 1
         kept: list[int] = []
+        dropped = 0
         for i, no in enumerate(numbers):
             sealed = "seg" in found[no]
             path = self._seg_path(no, sealed)
@@ -319,39 +322,44 @@ class Journal:
             except SegmentCorrupt as e:
                 f.close()
                 torn = isinstance(e, SegmentHeaderTorn)
-                if sealed or not torn or not self._droppable(numbers[i + 1 :], found):
+                if sealed or not torn or not self._droppable(no, numbers[i + 1 :], found):
                     raise
-                self._drop_segments(numbers[i:], found)  # a new segment whose header was lost
-                truncated = (name, 0, -1)
+                # a new segment whose header never reached the disk
+                dropped += self._drop_segments(numbers[i:], found)
+                truncated = (name, 0, 0)
                 break
-            recs = [codec_decode(fr.payload, name, fr.offset) for fr in res.frames]
+            rframes = [fr for fr in res.frames if not fr.meta]
+            recs = [codec_decode(fr.payload, name, fr.offset) for fr in rframes]
             if recs and recs[-1].seq <= self.base_seq:
                 f.close()  # folded already; the crash came before its removal
                 st.remove(path)
                 continue
-            if res.header.first_seq != expected and not (
-                res.frames == [] and res.header.first_seq > expected
-            ):
+            if res.header.first_seq != expected:
                 f.close()
                 prev_hot = bool(kept) and "hot" in found[kept[-1]]
-                if sealed or not prev_hot or not self._droppable(numbers[i:], found):
+                if sealed or not prev_hot or not self._droppable(kept[-1], numbers[i:], found):
                     raise SegmentCorrupt(
                         name,
                         0,
                         f"first seq {res.header.first_seq}, expected {expected}: "
                         "a segment is missing",
                     )
-                self._drop_segments(numbers[i:], found)  # records after a lost tail
-                truncated = (name, 0, -1)
+                # the previous segment lost its unsynced tail at a frame boundary
+                dropped += self._drop_segments(numbers[i:], found)
+                truncated = (
+                    os.path.relpath(self._seg_path(kept[-1], False), self.path),
+                    self.segs[-1].size,
+                    0,
+                )
                 break
             if res.torn_at is not None:
                 later = numbers[i + 1 :]
-                if not self._droppable(later, found):
+                if not self._droppable(no, later, found):
                     f.close()
                     raise SegmentCorrupt(
                         name, res.torn_at, f"{res.torn_reason}; a later segment was synced after it"
                     )
-                self._drop_segments(later, found)
+                dropped += self._drop_segments(later, found)
                 truncated = (name, res.torn_at, f.size() - res.torn_at)
                 f.truncate(res.torn_at)
             seg = _Seg(
@@ -365,7 +373,7 @@ class Journal:
                 sealed,
                 None if sealed else f,
             )
-            for fr, rec in zip(res.frames, recs, strict=True):
+            for fr, rec in zip(rframes, recs, strict=True):
                 if rec.seq != expected:
                     raise SegmentCorrupt(name, fr.offset, f"seq {rec.seq}, expected {expected}")
                 self._apply(rec, seg, fr.offset + 24)
@@ -408,11 +416,16 @@ class Journal:
             self.index.drop_segments(stale)
         self.next_seq = expected
         return RecoveryReport(
-            len(self.segs), records, truncated[0], truncated[1], max(truncated[2], 0), dup
+            len(self.segs), records, truncated[0], truncated[1], truncated[2] + dropped, dup
         )
 
-    def _droppable(self, later: list[int], found: dict[int, set[str]]) -> bool:
-        """True when nothing in these segments ever reached an fsync (safe to drop)."""
+    def _droppable(self, broken: int, later: list[int], found: dict[int, set[str]]) -> bool:
+        """True when nothing after a break in segment ``broken`` ever reached an fsync.
+
+        Evidence against: a later sealed segment, a later frame claiming ``synced_upto``,
+        or a durability note ("segments up to N are durable", written once a roll fsync
+        completes) with N >= ``broken``.
+        """
         for n in later:
             if "seg" in found[n]:
                 return False  # sealed only after its roll fsync, which followed ours
@@ -421,16 +434,23 @@ class Journal:
                 res = scan(buf, f"segments/{n:012d}.hot", journal_uuid=self.uuid, tail_allowed=True)
             except JournalError:
                 continue
-            if res.last_synced_claim > 0:
+            if res.last_synced_claim > 0 or res.durable_segment_claim >= broken:
                 return False
         return True
 
-    def _drop_segments(self, numbers: list[int], found: dict[int, set[str]]) -> None:
+    def _drop_segments(self, numbers: list[int], found: dict[int, set[str]]) -> int:
+        """Delete segments past a break; returns the bytes dropped (reported in status)."""
+        total = 0
         for n in numbers:
             for ext in found[n]:
-                self.storage.remove(self._seg_path(n, ext == "seg"))
+                p = self._seg_path(n, ext == "seg")
+                f = self.storage.open(p)
+                total += f.size()
+                f.close()
+                self.storage.remove(p)
         if numbers:
             self.storage.sync_dir(self.seg_dir)
+        return total
 
     def _apply(self, rec: Record, seg: _Seg, payload_off: int) -> None:
         """Fold one record into the in-memory state (used by open and by append)."""
@@ -502,6 +522,7 @@ class Journal:
         self.storage.sync_dir(self.seg_dir)
         self.segs.append(_Seg(no, self.next_seq, self.next_seq - 1, 0, 0, 0, 0, False, f))
         self._writer = w
+        self._write_note(w)  # a roll that finished before this segment existed
         return w
 
     def _roll(self, w: SegmentWriter) -> None:
@@ -526,7 +547,25 @@ class Journal:
             self._durable = max(self._durable, (seg.no, end))
         self.index.put_segment(_entry(seg), seg.checkpoints)
         with self._append_lock:
+            # Vouch for this segment in the newer one: after a crash, a break in it is then
+            # known to be damage to durable data, never a torn tail to drop.
+            self._note_durable = max(self._note_durable, seg.no)
+            cur = self._writer
+            if cur is not None and cur.header.segment_no > seg.no:
+                self._write_note(cur)
             self._unsealed.append(seg.no)
+
+    def _write_note(self, w: SegmentWriter) -> None:
+        """Append the pending durability note to ``w`` (caller holds the append lock)."""
+        if self._note_durable < 0 or self._failed is not None:
+            return
+        try:
+            w.append_note(durable_note(self._note_durable))
+        except OSError as e:
+            self._failed = StorageError("append to", w.file.path, e)
+            raise self._failed from e
+        self._note_durable = -1
+        self.segs[-1].size = w.size()
 
     def _wait_rolls(self, rolls: list[Future[None]]) -> None:
         for f in rolls:
@@ -663,6 +702,7 @@ class Journal:
             return
         with self._sync_cv:
             while self._durable < target:
+                self._check_open()  # after a failed fsync, never retry it (fsyncgate)
                 if not self._syncing:
                     self._syncing = True
                     break
@@ -774,6 +814,8 @@ class Journal:
             name = os.path.relpath(path, self.path)
             res = scan(buf, name, journal_uuid=self.uuid, tail_allowed=wr is not None)
             for fr in res.frames:
+                if fr.meta:
+                    continue
                 rec = codec_decode(fr.payload, name, fr.offset)
                 if start <= rec.seq < limit:
                     yield rec
@@ -814,6 +856,8 @@ class Journal:
         payloads: list[bytes] = []
         new_src: list[tuple[BlockRef, ...]] = []
         for fr in res.frames:
+            if fr.meta:  # notes vouch for older segments; a sealed segment needs none
+                continue
             rec = codec_decode(fr.payload, name, fr.offset)
             if isinstance(rec, WriteRecord) and rec.data is not None:
                 data = memoryview(rec.data)

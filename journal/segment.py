@@ -35,6 +35,7 @@ HEADER_SIZE = HEADER.size  # 56
 FRAME_SIZE = FRAME.size  # 24
 MAX_FRAME = 80 * 1024 * 1024
 MAX_SEGMENT = (1 << 32) - 1  # synced_upto is u32
+FLAG_META = 1 << 31  # in a frame's length: a journal note, not a record (no seq)
 _MASK = (1 << 64) - 1
 
 
@@ -94,6 +95,7 @@ def decode_header(buf: bytes, name: str) -> SegmentHeader:
 class Frame:
     offset: int  # of the frame header in the file
     payload: memoryview
+    meta: bool = False  # a note (e.g. "segments up to N are durable"), not a record
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,7 @@ class ScanResult:
     last_synced_claim: int
     torn_at: int | None  # offset of the first invalid byte when the tail is torn
     torn_reason: str | None
+    durable_segment_claim: int = -1  # highest segment a durability note vouches for
 
 
 def scan(
@@ -142,19 +145,37 @@ def scan(
                 raise SegmentCorrupt(
                     name, pos, f"{reason}; a later frame shows this range was durable"
                 )
-            return ScanResult(header, frames, pos, prev, synced_claim, pos, reason)
-        length, synced, _, csum = FRAME.unpack_from(view, pos)
-        frames.append(Frame(pos, view[pos + FRAME_SIZE : pos + FRAME_SIZE + length]))
+            return ScanResult(
+                header, frames, pos, prev, synced_claim, pos, reason, _durable_claim(frames)
+            )
+        raw_len, synced, _, csum = FRAME.unpack_from(view, pos)
+        length = raw_len & ~FLAG_META
+        payload = view[pos + FRAME_SIZE : pos + FRAME_SIZE + length]
+        frames.append(Frame(pos, payload, bool(raw_len & FLAG_META)))
         synced_claim = max(synced_claim, synced)
         prev = csum
         pos += FRAME_SIZE + length
-    return ScanResult(header, frames, pos, prev, synced_claim, None, None)
+    return ScanResult(header, frames, pos, prev, synced_claim, None, None, _durable_claim(frames))
+
+
+def durable_note(segment_no: int) -> bytes:
+    """Payload of the note "every segment up to ``segment_no`` is durable"."""
+    return b"D" + segment_no.to_bytes(8, "little")
+
+
+def _durable_claim(frames: list[Frame]) -> int:
+    best = -1
+    for f in frames:
+        if f.meta and len(f.payload) == 9 and bytes(f.payload[0:1]) == b"D":
+            best = max(best, int.from_bytes(f.payload[1:9], "little"))
+    return best
 
 
 def _check_frame(view: memoryview, pos: int, size: int, seed: int, prev: int | None) -> str | None:
     if size - pos < FRAME_SIZE:
         return "partial frame header"
-    length, synced, prev_csum, csum = FRAME.unpack_from(view, pos)
+    raw_len, synced, prev_csum, csum = FRAME.unpack_from(view, pos)
+    length = raw_len & ~FLAG_META
     if length == 0:
         return "zero frame length"
     if length > MAX_FRAME:
@@ -179,7 +200,7 @@ def _later_durable_claim(view: memoryview, bad: int, size: int, seed: int) -> in
     """
     best = 0
     for pos in range(bad + 1, size - FRAME_SIZE + 1):
-        length = int.from_bytes(view[pos : pos + 4], "little")
+        length = int.from_bytes(view[pos : pos + 4], "little") & ~FLAG_META
         if length == 0 or length > MAX_FRAME or pos + FRAME_SIZE + length > size:
             continue
         if _check_frame(view, pos, size, seed, None) is None:
@@ -215,6 +236,14 @@ class SegmentWriter:
         self.file.append([head16, csum.to_bytes(8, "little"), *payload])
         self._prev = csum
         return pos, pos + FRAME_SIZE
+
+    def append_note(self, payload: bytes) -> None:
+        """Write a note frame (flagged in its length; it carries no record and no seq)."""
+        pos = self.file.size()
+        head16 = struct.pack("<IIQ", len(payload) | FLAG_META, self.synced_upto, self._prev)
+        csum = frame_checksum(self._seed, pos, head16, (payload,))
+        self.file.append([head16, csum.to_bytes(8, "little"), payload])
+        self._prev = csum
 
     def append_many(self, payloads: Sequence[Sequence[bytes | memoryview]]) -> list[int]:
         """Frame several records and write them with one writev; returns payload offsets.

@@ -39,6 +39,7 @@ from journal.types import Seq, WriteRecord
 SEC = 1_000_000_000
 HEADER = 56
 FRAME = struct.Struct("<IIQQ")  # length, synced_upto, prev_checksum, checksum
+NOTE = 1 << 31  # top bit of the length: a durability note frame, not a record
 VOL = 512 * 1024
 
 
@@ -58,7 +59,8 @@ class FrameInfo:
 def parse_frames(buf: bytes) -> list[FrameInfo]:
     out, pos = [], HEADER
     while pos + FRAME.size <= len(buf):
-        length, synced, prev, csum = FRAME.unpack_from(buf, pos)
+        raw, synced, prev, csum = FRAME.unpack_from(buf, pos)
+        length = raw & ~NOTE
         if pos + FRAME.size + length > len(buf):
             break
         out.append(FrameInfo(pos, length, synced, prev, csum))
