@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import threading
 from pathlib import Path
 
 import nbdraw as n
@@ -109,3 +112,58 @@ def test_largest_advertised_request(tmp_path: Path, structured: bool) -> None:
             assert c.call(n.CMD_WRITE_ZEROES, 4 * MIB, 36 * MIB).error == 0  # effect length
             assert c.pread(4 * MIB, 4096).data == bytes(4096)
         d.assert_consistent(NAME)
+
+
+def test_point_in_time_read_while_writes_roll_and_seal_segments(tmp_path: Path) -> None:
+    """The API's image at seq N is the image as it was at N, while fio keeps writing (and
+    the journal rolls 64 MiB segments and seals them in the background)."""
+    need_tools("fio")
+    size = 32 * MIB
+    with running_daemon(tmp_path, [Volume(NAME, size)]) as d:
+        qemu_io(d.uri(NAME), "write -P 0x3c 0 32M")
+        seq = d.last_seq(NAME)
+        frozen = tmp_path / "at-seq.raw"
+        shutil.copyfile(d.volumes[NAME].image, frozen)  # type: ignore[arg-type]
+        segments_before = d.status()["groups"][0]["segments"]
+        fio = subprocess.Popen(
+            [
+                "fio",
+                "--name=load",
+                "--ioengine=nbd",
+                f"--uri={d.uri(NAME)}",
+                "--rw=randwrite",
+                "--bs=64k",
+                "--size=32M",
+                "--io_size=160M",
+                "--iodepth=16",
+                "--fsync=64",
+                "--randseed=11",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        results: list[bool] = []
+
+        def fetch() -> None:
+            while fio.poll() is None:
+                out = tmp_path / f"pit-{len(results)}.raw"
+                d.save_journal_image(NAME, out, seq)
+                results.append(out.read_bytes() == frozen.read_bytes())
+                out.unlink()
+
+        t = threading.Thread(target=fetch)
+        t.start()
+        out, _ = fio.communicate(timeout=300)
+        t.join(120)
+        assert fio.returncode == 0 and "err= 0" in out, out
+        assert results and all(results), f"point {seq} changed under load: {results}"
+        st = d.status()["groups"][0]
+        print(
+            f"{len(results)} reads of seq {seq} under load; segments {st['segments']}, "
+            f"unsealed {st['unsealed_segments']}"
+        )
+        assert st["segments"] > segments_before, "no segment rolled: the test lost its point"
+        d.assert_consistent(NAME)
+        with d.journal_image(NAME, seq) as r:
+            assert r.read() == frozen.read_bytes()
