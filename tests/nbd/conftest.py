@@ -20,6 +20,7 @@ import contextlib
 import http.client
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -105,7 +106,13 @@ def accepts(address: str) -> bool:
 
 class CdpDaemon:
     def __init__(
-        self, root: Path, short: Path, volumes: list[Volume], *, event_loop: str = "uvloop"
+        self,
+        root: Path,
+        short: Path,
+        volumes: list[Volume],
+        *,
+        event_loop: str = "uvloop",
+        fsize_limit: int | None = None,
     ) -> None:
         self.root = root
         self.short = short
@@ -119,6 +126,7 @@ class CdpDaemon:
         self.config = root / "cdp.toml"
         self.log_path = root / "daemon.log"
         self.event_loop = event_loop
+        self.fsize_limit = fsize_limit  # RLIMIT_FSIZE of the daemon: writes past it fail
         self.proc: subprocess.Popen[bytes] | None = None
         self._wait_onboarded = True
         self._write_config()
@@ -158,9 +166,15 @@ class CdpDaemon:
                 stdout=log,
                 stderr=log,
                 env={**os.environ, "CDP_CONFIG": ""},
+                preexec_fn=self._limits if self.fsize_limit else None,
             )
         self.wait_for(self._ready, "the daemon to serve and onboard every volume")
         return self
+
+    def _limits(self) -> None:
+        # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG (or is short)
+        assert self.fsize_limit is not None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.fsize_limit, self.fsize_limit))
 
     def _ready(self) -> bool:
         self.assert_running()
