@@ -245,6 +245,7 @@ class Journal:
             report.removed_unsealed_duplicates,
             rebuilt,
             pack_torn,
+            self.next_seq - 1,
         )
 
     def _drop_index_files(self, index_path: str) -> None:

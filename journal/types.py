@@ -128,6 +128,7 @@ class RecoveryReport:
     removed_unsealed_duplicates: int = 0
     index_rebuilt: bool = False
     pack_bytes_truncated: int = 0
+    last_seq: int = 0  # the last record found at open: what survived the stop or crash
 
 
 @dataclass(frozen=True, slots=True)

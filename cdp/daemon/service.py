@@ -20,7 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cdp.capture.hashscan import HashScanner
+from cdp.capture.splitter import CleanMarker, onboard_export
 from cdp.config import Config, NbdSource, ScanSource, VolumeConfig
+from cdp.nbd.export import Export, ExportSet
+from cdp.nbd.server import NbdServer
 from journal import CheckpointKind, Journal, JournalOptions, wall_clock
 from journal.clock import Clock
 
@@ -36,8 +39,11 @@ class Group:
     name: str
     journal: Journal
     volumes: list[VolumeConfig]
+    path: str = ""
     sealer_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     last_retention_error: str | None = None
+    last_sealer_error: str | None = None
+    reopens: int = 0
 
 
 @dataclass(slots=True)
@@ -45,8 +51,12 @@ class VolumeRuntime:
     config: VolumeConfig
     group: Group
     scanner: HashScanner | None = None
+    export: Export | None = None
     capture_state: str = "starting"
     capture_detail: str = ""
+    onboard_state: str = "none"
+    onboard_scanned: int = 0
+    first_point_seq: int | None = None
 
 
 class Daemon:
@@ -67,6 +77,7 @@ class Daemon:
         self.started_ns = 0
         self.ready = asyncio.Event()
         self._stop_threads = threading.Event()
+        self.nbd_servers: list[NbdServer] = []
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -77,12 +88,14 @@ class Daemon:
         await asyncio.to_thread(self._open_journals)
         api = ApiServer(self, self.config.daemon.api)
         try:
+            await self._start_exports()
             await api.start()
             try:
                 async with asyncio.TaskGroup() as tg:
                     for g in self.groups.values():
                         tg.create_task(self._sealer(g, stop), name=f"sealer:{g.name}")
                         tg.create_task(self._retention(g, stop), name=f"retention:{g.name}")
+                        tg.create_task(self._repair(g, stop), name=f"repair:{g.name}")
                     for v in self.volumes.values():
                         tg.create_task(self._capture(v, stop), name=f"capture:{v.config.name}")
                     self.ready.set()
@@ -96,8 +109,55 @@ class Daemon:
                 await api.stop()
         finally:
             self._stop_threads.set()
+            await self._stop_exports()
             await asyncio.to_thread(self._close_journals)
             log.info("daemon stopped; journals synced and closed")
+
+    async def _start_exports(self) -> None:
+        """Open every nbd volume's image and listen; volumes sharing an address share a server."""
+        by_addr: dict[str, ExportSet] = {}
+        addrs = {}
+        for v in self.volumes.values():
+            src = v.config.source
+            if not isinstance(src, NbdSource):
+                continue
+            g = v.group
+            ex = Export(
+                v.config.name,
+                v.config.size_bytes,
+                str(src.image),
+                _journal_of(g),
+                chunk_size=self.journal_options.chunk_size,
+            )
+            await asyncio.to_thread(ex.open)
+            v.export = ex
+            key = str(src.listen)
+            by_addr.setdefault(key, ExportSet()).exports[ex.name] = ex
+            addrs[key] = src.listen
+        for key, exports in by_addr.items():
+            server = NbdServer(exports)
+            a = addrs[key]
+            if a.kind == "unix":
+                assert a.path is not None
+                await server.start_unix(a.path)
+            else:
+                assert a.host is not None and a.port is not None
+                await server.start_tcp(a.host, a.port)
+            self.nbd_servers.append(server)
+            log.info("nbd listening", extra={"address": key, "exports": sorted(exports.exports)})
+
+    async def _stop_exports(self) -> None:
+        for server in self.nbd_servers:
+            await server.stop()
+        for v in self.volumes.values():
+            ex = v.export
+            if ex is None or ex.fd < 0:
+                continue
+            await ex.flush()
+            clean = ex.protected and v.onboard_state == "done"
+            await asyncio.to_thread(ex.close)
+            if clean:
+                await asyncio.to_thread(CleanMarker(v.group.path, ex.name).write, ex.image)
 
     def _open_journals(self) -> None:
         root = os.path.join(str(self.config.daemon.state_dir), "groups")
@@ -107,10 +167,9 @@ class Daemon:
             by_group.setdefault(v.group, []).append(v)
         try:
             for name, vols in sorted(by_group.items()):
-                j = Journal.open(
-                    os.path.join(root, name), clock=self.clock, options=self.journal_options
-                )
-                g = Group(name, j, vols)
+                gpath = os.path.join(root, name)
+                j = Journal.open(gpath, clock=self.clock, options=self.journal_options)
+                g = Group(name, j, vols, gpath)
                 self.groups[name] = g
                 if j.recovery.truncated_segment:
                     log.warning(
@@ -142,7 +201,13 @@ class Daemon:
     async def _sealer(self, g: Group, stop: asyncio.Event) -> None:
         """Move data of rolled segments into the block store, off the write path."""
         while not stop.is_set():
-            n = await asyncio.to_thread(g.journal.seal_pending, 1)
+            try:
+                n = await asyncio.to_thread(g.journal.seal_pending, 1)
+                g.last_sealer_error = None
+            except Exception as e:  # keep capturing; status shows it, repair may reopen
+                n = 0
+                g.last_sealer_error = str(e)
+                log.error("sealing failed", extra={"group": g.name, "err": str(e)})
             if n:
                 continue
             g.sealer_wakeup.clear()
@@ -185,11 +250,12 @@ class Daemon:
 
     async def _capture(self, v: VolumeRuntime, stop: asyncio.Event) -> None:
         src = v.config.source
+        if v.export is not None:
+            await self._onboard_nbd(v, stop)
+            return
         path: str | None = None
         if isinstance(src, ScanSource):
             path, interval, rate = str(src.path), src.poll_interval_ns / 1e9, src.scan_rate_bps
-        elif isinstance(src, NbdSource):
-            path, interval, rate = str(src.image), 0.0, 0
         else:
             interval, rate = 0.0, 0
         if path is None:
@@ -240,17 +306,69 @@ class Daemon:
                 v.capture_detail = ""
                 if changed:
                     v.group.sealer_wakeup.set()
-                if isinstance(src, NbdSource):
-                    v.capture_state = "unavailable"
-                    v.capture_detail = (
-                        "image onboarded; live capture needs the NBD "
-                        "splitter, which is not implemented yet"
-                    )
-                    return
                 v.capture_state = "idle"
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(interval, 0.05)):
                     await stop.wait()
+
+    async def _onboard_nbd(self, v: VolumeRuntime, stop: asyncio.Event) -> None:
+        """The image as found becomes the first point; skipped after a clean shutdown."""
+        ex = v.export
+        assert ex is not None
+        g = v.group
+        v.capture_state = "serving"
+        marker = CleanMarker(g.path, ex.name)
+        if await asyncio.to_thread(marker.matches, ex.image):
+            v.onboard_state = "done"
+            await asyncio.to_thread(marker.remove)
+            return
+        await asyncio.to_thread(marker.remove)
+        v.onboard_state = "scanning"
+        rate = 256 * 1024 * 1024
+        try:
+            seq = await onboard_export(ex, lambda: g.journal, rate, stop, v)
+        except Exception as e:
+            v.onboard_state = "error"
+            v.capture_detail = f"onboarding failed: {e}"
+            log.error("onboarding failed", extra={"volume": ex.name, "err": str(e)})
+            return
+        if seq is not None:
+            v.onboard_state, v.first_point_seq = "done", seq
+            g.sealer_wakeup.set()
+            log.info("volume onboarded", extra={"volume": ex.name, "seq": seq})
+
+    async def _repair(self, g: Group, stop: asyncio.Event) -> None:
+        """Bring protection back after a journal failure: reopen it, capture missed chunks."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await stop.wait()
+            broken = [
+                v.export
+                for v in self.volumes.values()
+                if v.group is g and v.export is not None and not v.export.protected
+            ]
+            if stop.is_set() or not broken:
+                continue
+            try:
+                if not g.journal.healthy:
+                    await asyncio.to_thread(self._reopen, g)
+                for ex in broken:
+                    ex.repair(g.journal)  # on the loop thread: no guest write interleaves
+                await asyncio.to_thread(g.journal.sync)
+            except Exception as e:  # still failing (e.g. the disk is still full)
+                log.warning("protection still broken", extra={"group": g.name, "err": str(e)})
+
+    def _reopen(self, g: Group) -> None:
+        old = g.journal
+        with contextlib.suppress(Exception):
+            old.close()
+        g.journal = Journal.open(g.path, clock=self.clock, options=self.journal_options)
+        g.reopens += 1
+        log.warning(
+            "journal reopened after a failure",
+            extra={"group": g.name, "truncated": g.journal.recovery.truncated_bytes},
+        )
 
     # ------------------------------------------------------------------ queries
     def group_of(self, volume: str) -> Group:
@@ -258,6 +376,42 @@ class Daemon:
         if v is None:
             raise KeyError(volume)
         return v.group
+
+    def _nbd_status(self, v: VolumeRuntime) -> dict[str, object]:
+        ex = v.export
+        assert ex is not None
+        st = ex.stats
+        return {
+            "name": v.config.name,
+            "group": v.group.name,
+            "size": v.config.size_bytes,
+            "source": "nbd",
+            "capture": {
+                "state": v.capture_state,
+                "detail": v.capture_detail,
+                "connections": len(ex.connections),
+                "writes": st.writes,
+                "bytes_written": st.bytes_written,
+                "flushes": st.flushes,
+                "protection": "ok" if ex.protected else "broken",
+                "dirty_chunks": len(ex.dirty),
+                "gaps": [
+                    {
+                        "started_ns": gp.started_ns,
+                        "ended_ns": gp.ended_ns,
+                        "resumed_seq": gp.resumed_seq,
+                        "reason": gp.reason,
+                    }
+                    for gp in ex.gaps
+                ],
+            },
+            "onboarding": {
+                "state": v.onboard_state,
+                "scanned_bytes": v.onboard_scanned,
+                "total_bytes": v.config.size_bytes,
+                "first_point_seq": v.first_point_seq,
+            },
+        }
 
     def status(self) -> dict[str, object]:
         groups = []
@@ -295,11 +449,21 @@ class Daemon:
                         "truncated_at": st.recovery.truncated_at,
                         "truncated_bytes": st.recovery.truncated_bytes,
                         "index_rebuilt": st.recovery.index_rebuilt,
+                        "last_seq": st.recovery.last_seq,
                     },
                 }
             )
         volumes = []
         for v in self.volumes.values():
+            if v.export is not None:
+                volumes.append(self._nbd_status(v))
+                ex = v.export
+                if not ex.protected:
+                    alerts.append(
+                        f"{v.config.name}: protection broken since {ex.gaps[-1].started_ns}: "
+                        f"{ex.gaps[-1].reason}; {len(ex.dirty)} chunks to capture"
+                    )
+                continue
             p = v.scanner.progress if v.scanner else None
             if v.capture_state == "error":
                 alerts.append(f"{v.config.name}: capture error: {v.capture_detail}")
@@ -331,6 +495,11 @@ class Daemon:
             "volumes": volumes,
             "alerts": alerts,
         }
+
+
+def _journal_of(g: Group) -> Callable[[], Journal]:
+    """The group's current journal (it is replaced when reopened after a failure)."""
+    return lambda: g.journal
 
 
 async def _first(*aws: object) -> None:
