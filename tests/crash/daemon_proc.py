@@ -33,7 +33,8 @@ class DaemonProc:
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cdp", "daemon", "--config", str(self.config)],
-                stdout=logf, stderr=logf,
+                stdout=logf,
+                stderr=logf,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -64,8 +65,10 @@ class DaemonProc:
         s = socket.socket(socket.AF_UNIX)
         s.settimeout(60)
         s.connect(self.api)
-        req = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-               f"Content-Length: {len(body)}\r\nContent-Type: application/json\r\n\r\n")
+        req = (
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\nContent-Type: application/json\r\n\r\n"
+        )
         s.sendall(req.encode() + body)
         chunks = []
         while True:

@@ -22,8 +22,13 @@ BLOCK = 4096
 SIZE = 16 << 20
 
 
-async def _writer(d: DaemonProc, rng: random.Random, versions: dict[int, list[bytes]],
-                  acked: dict[int, int], stop: asyncio.Event) -> None:
+async def _writer(
+    d: DaemonProc,
+    rng: random.Random,
+    versions: dict[int, list[bytes]],
+    acked: dict[int, int],
+    stop: asyncio.Event,
+) -> None:
     """Pipeline up to 16 writes; record each block's versions in submission order."""
     c = await NbdClient.connect_unix(d.nbd(), "disk0")
     inflight: set[asyncio.Task[None]] = set()
@@ -65,8 +70,9 @@ async def _writer(d: DaemonProc, rng: random.Random, versions: dict[int, list[by
         await asyncio.gather(*inflight, return_exceptions=True)
 
 
-async def _iteration(d: DaemonProc, rng: random.Random, versions: dict[int, list[bytes]],
-                     run_s: float) -> dict[int, int]:
+async def _iteration(
+    d: DaemonProc, rng: random.Random, versions: dict[int, list[bytes]], run_s: float
+) -> dict[int, int]:
     acked: dict[int, int] = {}
     stop = asyncio.Event()
     task = asyncio.ensure_future(_writer(d, rng, versions, acked, stop))
