@@ -47,15 +47,20 @@ class RateLimiter:
         self._tokens = float(self.burst)
         self._t = time.monotonic()
 
-    def take(self, n: int, stop: threading.Event) -> None:
+    def delay(self, n: int) -> float:
+        """Account for n bytes; returns how long to wait to stay under the rate."""
         if self.rate <= 0:
-            return
+            return 0.0
         now = time.monotonic()
         self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
         self._t = now
         self._tokens -= n
-        if self._tokens < 0:
-            stop.wait(-self._tokens / self.rate)
+        return -self._tokens / self.rate if self._tokens < 0 else 0.0
+
+    def take(self, n: int, stop: threading.Event) -> None:
+        wait = self.delay(n)
+        if wait:
+            stop.wait(wait)
 
 
 class HashScanner:
