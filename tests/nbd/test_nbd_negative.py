@@ -15,7 +15,12 @@ Over the whole module the daemon's RSS grows by less than 16 MiB.
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -476,3 +481,43 @@ def test_rss_bounded(daemon: CdpDaemon) -> None:
     assert daemon.proc is not None
     grown = _rss_kib(daemon.proc.pid) - daemon.rss_start_kib  # type: ignore[attr-defined]
     assert grown < 16 * 1024, f"RSS grew by {grown} KiB"
+
+
+# ---------------------------------------------------------------------- reference oracle
+
+NBDKIT_ADVERTISES = {  # nbdkit memory supports these, so it accepts them; we do not
+    "CACHE not advertised",
+    "write_zeroes with FAST_ZERO (not advertised)",
+}
+
+
+@pytest.fixture(scope="module")
+def nbdkit_memory() -> Iterator[str]:
+    need_tools("nbdkit")
+    folder = tempfile.mkdtemp(prefix="cdpnbd-", dir="/tmp")
+    sock = f"{folder}/nbdkit.sock"
+    proc = subprocess.Popen(
+        ["nbdkit", "--foreground", "--unix", sock, "--exit-with-parent", "memory", str(SIZE)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        end = time.monotonic() + 15
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < end, "nbdkit did not start"
+            time.sleep(0.02)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+@pytest.mark.parametrize("case", sorted(set(ERROR_CASES) - NBDKIT_ADVERTISES))
+def test_error_table_matches_nbdkit(nbdkit_memory: str, case: str, structured: bool) -> None:
+    """B2's reference oracle: nbdkit memory gives the error value we expect of ours."""
+    send, want = ERROR_CASES[case]
+    env = Env(nbdkit_memory, NAME, SIZE)  # nbdkit serves any export name
+    with RawNbd.connect_export(nbdkit_memory, NAME, structured=structured) as c:
+        assert send(c, env).error == want
