@@ -48,7 +48,9 @@ def test_guest_rides_through_kill9_and_restart(tmp_path: Path) -> None:
             "export=disk0,reconnect-delay=60"
         )
         result["r"] = boot_guest(
-            kernel, [], timeout_s=300,
+            kernel,
+            [],
+            timeout_s=300,
             extra_args=("-blockdev", blockdev, "-device", "virtio-blk-pci,drive=d0"),
         )
 
