@@ -5,11 +5,13 @@ What an admin would type, run for real: every step is a command (``qemu-img``, `
 not as library calls). Each command is printed before it runs, with its output below it.
 
 1. Make a 64 MiB raw disk image holding an ext4 file system with a few files.
-2. Write a config protecting it (``source = "scan"``: re-read and hash every 200ms), start
-   ``cdp daemon``, wait until the image as found is the first point, ``cdp status``.
-3. ``cdp checkpoint disk0 --name before-corruption``.
-4. Corrupt the disk: ``qemu-io`` writes 4 MiB of random data over the file system's start;
-   wait until the scan has journaled it; ``cdp status``.
+2. Write a config protecting it (``source = "nbd"``: the daemon serves the image as an NBD
+   export and journals every write on its way in), start ``cdp daemon``, wait until the
+   image as found is the first point, ``cdp status``, ``nbdinfo`` on the export.
+3. Write through the export with a real NBD client (``qemu-io``), then
+   ``cdp checkpoint disk0 --name before-corruption``.
+4. Corrupt the disk through the export: ``qemu-io`` writes 4 MiB of random data over the
+   file system's start; ``cdp status``; the journal's latest point equals the image.
 5. ``cdp restore disk0 --at checkpoint:before-corruption --output restored.raw``, then show
    with ``qemu-img compare`` that it equals the disk as it was and differs from the
    corrupted one, and read a file back from it with ``debugfs``.
@@ -41,7 +43,8 @@ T = TypeVar("T")
 
 IMAGE_SIZE = "64M"
 DEADLINE_S = 60.0  # the longest any single wait may take before the demo gives up
-TOOLS = ("qemu-img", "qemu-io", "mkfs.ext4", "debugfs", "e2fsck")
+TOOLS = ("qemu-img", "qemu-io", "mkfs.ext4", "debugfs", "e2fsck", "nbdinfo")
+EXPORT = "nbd+unix:///disk0?socket=disk0.sock"  # what a hypervisor would attach
 
 FILES = {
     "hello.txt": "Hello from the protected disk.\n",
@@ -50,7 +53,7 @@ FILES = {
 }
 
 CONFIG = """\
-# cdp demo: one disk image, protected by a hash scan (the NBD splitter will replace it).
+# cdp demo: one disk image, served over NBD; every write is journaled on its way in.
 [daemon]
 state_dir = "state"          # the journal lives here
 api = "unix:api.sock"        # where the cdp commands reach the daemon
@@ -59,10 +62,9 @@ log_format = "text"
 [[volume]]
 name = "disk0"
 size = "64MiB"
-source = "scan"              # re-read the image, journal the blocks whose hash changed
-path = "disk0.raw"
-poll_interval = "200ms"
-scan_rate = "1GiB/s"
+source = "nbd"               # the daemon is the disk: a write splitter (true CDP)
+image = "disk0.raw"
+listen = "unix:disk0.sock"   # qemu -drive file=nbd+unix:///disk0?socket=disk0.sock
 
 [retention]
 journal = "24h"              # any point in the last 24 hours can be restored
@@ -182,8 +184,9 @@ class Demo:
     def start_daemon(self) -> None:
         self.step(
             "Protect it",
-            "The config names the image as volume disk0. `cdp daemon` journals every change "
-            "it finds; the image as found becomes the first point (onboarding).",
+            "The config names the image as volume disk0. `cdp daemon` serves it as an NBD "
+            "export and journals every write; the image as found becomes the first point "
+            "(onboarding).",
         )
         (self.work / "cdp.toml").write_text(CONFIG)
         print("\n$ cat cdp.toml")
@@ -210,6 +213,7 @@ class Demo:
 
         self.wait(onboarded, "disk0 to be onboarded")
         self.cdp("status")
+        self.run(["nbdinfo", EXPORT])
 
     def checkpoint(self) -> None:
         self.step(
@@ -218,26 +222,28 @@ class Demo:
             "checkpoint is easier to find again. (The copy of the image is only for "
             "comparing at the end; cdp does not need it.)",
         )
+        self.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 48M 1M", "-c", "flush", EXPORT])
+        self.run(["nbdinfo", "--map", EXPORT])
         self.cdp("checkpoint", "disk0", "--name", "before-corruption")
         self.run(["cp", "--sparse=always", "disk0.raw", "disk0.before.raw"])
 
     def corrupt(self) -> None:
         self.step(
             "Something goes wrong",
-            "4 MiB of random data lands on the start of the disk: the superblock, the "
-            "group descriptors and the inode tables are gone. The daemon journals it like "
-            "any other write: it cannot tell a bad write from a good one.",
+            "4 MiB of random data lands on the start of the disk, through the export, as a "
+            "guest gone wrong would write it: the superblock, the group descriptors and the "
+            "inode tables are gone. The daemon journals it like any other write: it cannot "
+            "tell a bad write from a good one.",
         )
         (self.work / "random.bin").write_bytes(os.urandom(4 << 20))
-        t_write = time.time_ns()
-        self.run(["qemu-io", "-f", "raw", "-c", "write -s random.bin 0 4M", "disk0.raw"])
+        self.run(["qemu-io", "-f", "raw", "-c", "write -s random.bin 0 4M", "-c", "flush", EXPORT])
         if self.run(["e2fsck", "-fn", "disk0.raw"], expect=None).returncode == 0:
             raise DemoFailed("e2fsck found nothing wrong with the corrupted disk")
-        self.note("(e2fsck cannot even find the file system; waiting for the scan to journal it)")
-        # A pass that ends after the write may have read before it; the next one cannot.
-        first_end = self.wait(lambda: _scan_end_after(self.disk0(), t_write), "a scan pass")
-        self.wait(lambda: _scan_end_after(self.disk0(), first_end), "a full scan pass")
+        self.note("(e2fsck cannot even find the file system)")
         self.cdp("status")
+        self.cdp("restore", "disk0", "--at", "latest", "--output", "latest.raw")
+        self.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", "latest.raw", "disk0.raw"])
+        self.note("(the journal's latest point is the disk, bit for bit: every write is in it)")
 
     def restore(self) -> None:
         self.step(
@@ -294,11 +300,6 @@ class Demo:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
-
-
-def _scan_end_after(vol: dict[str, Any], t_ns: int) -> int | None:
-    last = vol["capture"]["last_scan_ns"]
-    return last if isinstance(last, int) and last > t_ns else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
