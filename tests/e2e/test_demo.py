@@ -32,8 +32,12 @@ def test_demo_runs_and_restores_the_disk() -> None:
     steps = [
         "$ cdp daemon --config cdp.toml",
         "$ cdp status --config cdp.toml",
+        "$ nbdinfo nbd+unix:///disk0?socket=disk0.sock",
+        "$ qemu-io -f raw -c 'write -P 0x5a 48M 1M'",
         "$ cdp checkpoint disk0 --name before-corruption --config cdp.toml",
         "checkpoint before-corruption: seq ",
+        "$ cdp restore disk0 --at latest --output latest.raw",
+        "the journal's latest point is the disk",
         "$ cdp restore disk0 --at checkpoint:before-corruption --output restored.raw",
         "restored disk0 at seq ",
         "Images are identical.",
