@@ -32,7 +32,7 @@ def test_demo_runs_and_restores_the_disk() -> None:
     steps = [
         "$ cdp daemon --config cdp.toml",
         "$ cdp status --config cdp.toml",
-        "$ nbdinfo nbd+unix:///disk0?socket=disk0.sock",
+        "$ nbdinfo 'nbd+unix:///disk0?socket=disk0.sock'",
         "$ qemu-io -f raw -c 'write -P 0x5a 48M 1M'",
         "$ cdp checkpoint disk0 --name before-corruption --config cdp.toml",
         "checkpoint before-corruption: seq ",
