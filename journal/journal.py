@@ -854,21 +854,35 @@ class Journal:
             seg.file.pread(seg.file.size(), 0), name, journal_uuid=self.uuid, tail_allowed=False
         )
         cs = self.opts.chunk_size
-        payloads: list[bytes] = []
-        new_src: list[tuple[BlockRef, ...]] = []
+        recs: list[Record] = []
+        pieces: list[memoryview] = []
+        spans: list[tuple[int, int]] = []  # per inline write: its slice of ``pieces``
         for fr in res.frames:
             if fr.meta:  # notes vouch for older segments; a sealed segment needs none
                 continue
             rec = codec_decode(fr.payload, name, fr.offset)
+            recs.append(rec)
             if isinstance(rec, WriteRecord) and rec.data is not None:
                 data = memoryview(rec.data)
-                pieces = []
+                first = len(pieces)
                 pos = rec.offset
                 while pos < rec.offset + rec.length:
                     nxt = min((pos // cs + 1) * cs, rec.offset + rec.length)
                     pieces.append(data[pos - rec.offset : nxt - rec.offset])
                     pos = nxt
-                refs = tuple(self.store.put_many(pieces))
+                spans.append((first, len(pieces)))
+        # One block-store call per few thousand pieces, not one per record: small writes
+        # would otherwise pay a thread hand-off and an index query each.
+        refs_all: list[BlockRef] = []
+        for k in range(0, len(pieces), 4096):
+            refs_all += self.store.put_many(pieces[k : k + 4096])
+        payloads: list[bytes] = []
+        new_src: list[tuple[BlockRef, ...]] = []
+        it = iter(spans)
+        for rec in recs:
+            if isinstance(rec, WriteRecord) and rec.data is not None:
+                a0, a1 = next(it)
+                refs = tuple(refs_all[a0:a1])
                 new_src.append(refs)
                 rec = WriteRecord(
                     rec.seq, rec.ts, rec.volume, rec.offset, rec.length, None, refs, rec.wall
