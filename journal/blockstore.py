@@ -47,14 +47,6 @@ MAX_BLOCK = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
-class _Prepared:
-    block_id: BlockId
-    raw_len: int
-    codec: int
-    stored: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class StoreStats:
     blocks: int
     packs: int
