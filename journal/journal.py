@@ -377,7 +377,7 @@ class Journal:
             for fr, rec in zip(rframes, recs, strict=True):
                 if rec.seq != expected:
                     raise SegmentCorrupt(name, fr.offset, f"seq {rec.seq}, expected {expected}")
-                self._apply(rec, seg, fr.offset + 24)
+                self._apply(rec, seg, fr.offset + 24 + len(fr.payload))
                 expected += 1
             records += len(recs)
             if sealed:
@@ -453,7 +453,7 @@ class Journal:
             self.storage.sync_dir(self.seg_dir)
         return total
 
-    def _apply(self, rec: Record, seg: _Seg, payload_off: int) -> None:
+    def _apply(self, rec: Record, seg: _Seg, payload_end: int) -> None:
         """Fold one record into the in-memory state (used by open and by append)."""
         if seg.records == 0:
             seg.first_ts = rec.ts
@@ -470,7 +470,7 @@ class Journal:
                     rec.seq,
                     rec.offset,
                     rec.length,
-                    Inline(seg.file, payload_off + _data_offset(rec)),
+                    Inline(seg.file, payload_end - rec.length),  # data ends the payload
                 )
                 seg.inline.append(ext)
             else:
@@ -593,19 +593,11 @@ class Journal:
 
     def write(self, volume: str, offset: int, data: bytes | memoryview) -> Seq:
         """Append a write with its data inline; returns once handed to the OS (not durable)."""
-        vm = self._vol(volume)
-        n = len(data)
-        if n == 0 or offset < 0 or offset + n > vm.size:
-            raise ValueError(
-                f"write [{offset}, {offset + n}) outside volume {volume!r} of {vm.size} bytes"
-            )
+        return self.write_many(volume, [(offset, data, len(data), False)])
 
-        def build(s: Seq, ts: int, w: int | None) -> tuple[Record, list[bytes | memoryview]]:
-            head = codec.encode_write_header(s, ts, w, volume, offset, n) + codec.bin_prefix(n)
-            rec = WriteRecord(s, ts, volume, offset, n, b"", (), w)
-            return rec, [head, data]
-
-        return self._do_append(build)
+    def zero(self, volume: str, offset: int, length: int, *, trim: bool = False) -> Seq:
+        """Append a zero (or trim) record: the range reads as zeros from this seq on."""
+        return self.write_many(volume, [(offset, None, length, trim)])
 
     def write_many(self, volume: str, ops: Sequence[WriteOp]) -> Seq:
         """Append a batch of writes and zeroes of one volume, in order, with one writev.
@@ -627,6 +619,7 @@ class Journal:
             ts, wall = self._stamp()
             recs: list[Record] = []
             payloads: list[list[bytes | memoryview]] = []
+            ends: list[int] = []  # payload lengths
             total = 0
             for k, (off, data, length, trim) in enumerate(ops):
                 s = Seq(seq0 + k)
@@ -636,10 +629,11 @@ class Journal:
                 else:
                     n = len(data)
                     head = codec.encode_write_header(s, ts, wall, volume, off, n)
-                    payloads.append([head + codec.bin_prefix(n), data])
+                    payloads.append([head, data])
                     rec = WriteRecord(s, ts, volume, off, n, b"", (), wall)
                 recs.append(rec)
-                total += sum(len(p) for p in payloads[-1]) + 24
+                ends.append(sum(len(p) for p in payloads[-1]))
+                total += ends[-1] + 24
             w = self._writer
             if w is None or w.size() + total > self.opts.segment_size:
                 for rec, parts in zip(recs, payloads, strict=True):
@@ -654,14 +648,15 @@ class Journal:
             seg = self.segs[-1]
             seg.size = w.size()
             with self._map_lock:
-                for rec, poff in zip(recs, offsets, strict=True):
-                    self._apply(rec, seg, poff)
+                for rec, poff, plen in zip(recs, offsets, ends, strict=True):
+                    self._apply(rec, seg, poff + plen)
             return Seq(self.next_seq - 1)
 
     def _append_one(self, rec: Record, parts: list[bytes | memoryview]) -> None:
         """One already-built record (the caller holds the append lock and set its seq)."""
+        nbytes = sum(len(p) for p in parts)
         try:
-            w = self._writer_for(sum(len(p) for p in parts) + 24)
+            w = self._writer_for(nbytes + 24)
             _, payload_off = w.append(parts)
         except OSError as e:
             self._failed = StorageError("append to", self.seg_dir, e)
@@ -670,15 +665,7 @@ class Journal:
         seg = self.segs[-1]
         seg.size = w.size()
         with self._map_lock:
-            self._apply(rec, seg, payload_off)
-
-    def zero(self, volume: str, offset: int, length: int, *, trim: bool = False) -> Seq:
-        vm = self._vol(volume)
-        if length <= 0 or offset < 0 or offset + length > vm.size:
-            raise ValueError(f"zero [{offset}, {offset + length}) outside volume {volume!r}")
-        return self._do_append(
-            lambda s, ts, w: _single(ZeroRecord(s, ts, volume, offset, length, trim, w))
-        )
+            self._apply(rec, seg, payload_off + nbytes)
 
     def checkpoint(self, name: str, kind: CheckpointKind = CheckpointKind.CRASH) -> Seq:
         if not name or len(name) > 200:
@@ -1187,12 +1174,6 @@ _Builder = Callable[[Seq, int, "int | None"], tuple[Record, list[bytes | memoryv
 
 def _single(rec: Record) -> tuple[Record, list[bytes | memoryview]]:
     return rec, [codec.encode(rec)]
-
-
-def _data_offset(rec: WriteRecord) -> int:
-    """Offset of the inline data inside the record's payload."""
-    head = codec.encode_write_header(rec.seq, rec.ts, rec.wall, rec.volume, rec.offset, rec.length)
-    return len(head) + len(codec.bin_prefix(rec.length))
 
 
 def codec_decode(payload: memoryview, name: str, offset: int) -> Record:
