@@ -354,15 +354,6 @@ class CdpDaemon:
         assert "failed" not in out.lower(), out
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cdpnbd-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def running_daemon(
     root: Path, volumes: list[Volume], *, wait_onboarded: bool = True, **kw: Any
@@ -380,19 +371,3 @@ def running_daemon(
         finally:
             d.kill()
             shutil.rmtree(short, ignore_errors=True)
-
-
-@pytest.fixture
-def make_daemon(tmp_path: Path) -> Iterator[Callable[..., CdpDaemon]]:
-    """Start a daemon for this test: ``make_daemon([Volume("disk0")])``."""
-    with contextlib.ExitStack() as stack:
-        n = 0
-
-        def make(volumes: list[Volume], **kw: Any) -> CdpDaemon:
-            nonlocal n
-            n += 1
-            root = tmp_path / f"d{n}"
-            root.mkdir()
-            return stack.enter_context(running_daemon(root, volumes, **kw))
-
-        yield make
