@@ -66,7 +66,6 @@ def encode_write_header(
     # (0x98) that encode() writes: identical bytes, one packb call.
     fields: bytes = _packb([T_WRITE, seq, ts, wall, volume, offset, length])
     return b"\x98" + fields[1:] + bin_prefix(length)
-    )
 
 
 def bin_prefix(n: int) -> bytes:
