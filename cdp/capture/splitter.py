@@ -92,6 +92,10 @@ async def onboard_export(
         wait = limiter.delay(_STEP * cs)
         await asyncio.sleep(wait)
     j = journal()
+    done = j.find_checkpoint(f"onboarded:{ex.name}")
+    if done is not None:  # a catch-up after a crash: the first point stays where it was
+        await asyncio.to_thread(j.sync)
+        return int(done.seq)
     seq = j.checkpoint(f"onboarded:{ex.name}", CheckpointKind.CRASH)
     await asyncio.to_thread(j.sync)
     return int(seq)

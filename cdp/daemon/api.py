@@ -13,7 +13,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 
 from cdp.daemon.service import Daemon, Group
 from cdp.sockpath import prepare_socket_path, remove_socket
@@ -234,12 +234,15 @@ async def image(request: web.Request) -> web.StreamResponse:
         resp.content_length = size
         await resp.prepare(request)
         cache = j.new_cache()
-        for off in range(0, size, STREAM_CHUNK):
-            n = min(STREAM_CHUNK, size - off)
-            buf = bytearray(n)
-            await asyncio.to_thread(j.read_into, vol, off, memoryview(buf), seq, cache)
-            await resp.write(bytes(buf))
-        await resp.write_eof()
+        try:
+            for off in range(0, size, STREAM_CHUNK):
+                n = min(STREAM_CHUNK, size - off)
+                buf = bytearray(n)
+                await asyncio.to_thread(j.read_into, vol, off, memoryview(buf), seq, cache)
+                await resp.write(bytes(buf))
+            await resp.write_eof()
+        except (ConnectionResetError, ClientConnectionResetError):
+            log.info("image download abandoned by the reader", extra={"volume": vol, "seq": seq})
         return resp
     finally:
         await asyncio.to_thread(j.release_hold, "export", hold)

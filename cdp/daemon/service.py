@@ -320,6 +320,8 @@ class Daemon:
         marker = CleanMarker(g.path, ex.name)
         if await asyncio.to_thread(marker.matches, ex.image):
             v.onboard_state = "done"
+            cp = g.journal.find_checkpoint(f"onboarded:{ex.name}")
+            v.first_point_seq = int(cp.seq) if cp is not None else None
             await asyncio.to_thread(marker.remove)
             return
         await asyncio.to_thread(marker.remove)
@@ -360,10 +362,16 @@ class Daemon:
                 log.warning("protection still broken", extra={"group": g.name, "err": str(e)})
 
     def _reopen(self, g: Group) -> None:
+        """Open a fresh journal, then swap it in: status never sees a closed one.
+
+        If the open fails, the failed journal stays in place (still readable for status)
+        and the next repair round tries again.
+        """
         old = g.journal
+        new = Journal.open(g.path, clock=self.clock, options=self.journal_options)
+        g.journal = new
         with contextlib.suppress(Exception):
             old.close()
-        g.journal = Journal.open(g.path, clock=self.clock, options=self.journal_options)
         g.reopens += 1
         log.warning(
             "journal reopened after a failure",

@@ -189,13 +189,16 @@ class Export:
         ``data`` must stay valid until ``commit()`` (the server commits before reusing it).
         """
         n = len(data)
+        done = 0
         try:
-            done = os.pwrite(self.fd, data, offset)
             while done < n:
                 done += os.pwrite(self.fd, data[done:], offset + done)
         except OSError as e:
             self.last_error = f"image write failed: {e.strerror}"
             log.error("image write failed", extra={"volume": self.name, "err": str(e)})
+            if done:  # what reached the image is journaled too: image and journal agree
+                self._queue.append((offset, data[:done], done, False))
+                self._write_gen += 1
             return _errno_for(e)
         self._queue.append((offset, data, n, False))
         self._write_gen += 1
@@ -205,16 +208,18 @@ class Export:
 
     def zero(self, offset: int, length: int, *, trim: bool, no_hole: bool) -> int:
         """WRITE_ZEROES or TRIM: journaled as a zero record (never as zero data)."""
+        pos = offset
         try:
             if no_hole or not _punch_hole(self.fd, offset, length):
                 zeros = bytes(min(length, 1 << 20))
-                pos = offset
                 while pos < offset + length:
                     k = min(len(zeros), offset + length - pos)
-                    os.pwrite(self.fd, zeros[:k], pos)
-                    pos += k
+                    pos += os.pwrite(self.fd, zeros[:k], pos)
         except OSError as e:
             self.last_error = f"image zero failed: {e.strerror}"
+            if pos > offset:  # the zeroed prefix is journaled: image and journal agree
+                self._queue.append((offset, None, pos - offset, trim))
+                self._write_gen += 1
             return _errno_for(e)
         self._queue.append((offset, None, length, trim))
         self._write_gen += 1

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 _PHASE_FLAGS, _PHASE_OPTIONS, _PHASE_TRANSMISSION, _PHASE_CLOSED = range(4)
 CONTEXT_BASE_ALLOCATION = 1
 _MAX_PENDING = 256  # queued FUA/FLUSH replies before we stop reading (backpressure)
+_MAX_OUT = 32 * 1024 * 1024  # reply bytes queued before we stop parsing requests
+HANDSHAKE_TIMEOUT_S = 30.0  # a client that has not chosen an export by then is dropped
 _VALID_FLAGS = {
     proto.CMD_READ: proto.CMD_FLAG_FUA | proto.CMD_FLAG_DF,
     proto.CMD_WRITE: proto.CMD_FLAG_FUA,
@@ -55,6 +57,8 @@ class NbdConnection(asyncio.Protocol):
         self._writing_paused = False
         self._disc = False
         self._out: list[bytes | memoryview] | None = None
+        self._out_bytes = 0
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -64,9 +68,19 @@ class NbdConnection(asyncio.Protocol):
             transport.close()
             return
         self._send(proto.server_greeting())
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT_S, self._handshake_expired
+        )
+
+    def _handshake_expired(self) -> None:
+        if self.phase in (_PHASE_FLAGS, _PHASE_OPTIONS):
+            log.warning("nbd handshake timed out; disconnecting", extra={"peer": self.peer})
+            self._abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = _PHASE_CLOSED
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         if self.export is not None:
             self.export.connections.discard(self)
         for t in self.tasks:
@@ -95,9 +109,13 @@ class NbdConnection(asyncio.Protocol):
             self._abort()
 
     # ------------------------------------------------------------------ plumbing
+    def _backlog(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
     def _send(self, *parts: bytes | memoryview) -> None:
         if self._out is not None:
             self._out.extend(parts)  # sent at the end of the batch, after the journal append
+            self._out_bytes += sum(len(p) for p in parts)
         elif self.transport is not None and self.phase != _PHASE_CLOSED:
             self.transport.writelines(parts)
 
@@ -302,6 +320,8 @@ class NbdConnection(asyncio.Protocol):
         export.connections.add(self)
         export.stats.connections += 1
         self.phase = _PHASE_TRANSMISSION
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         log.info(
             "nbd client attached",
             extra={"volume": export.name, "peer": self.peer, "structured": self.structured},
@@ -326,6 +346,9 @@ class NbdConnection(asyncio.Protocol):
         try:
             while self.phase == _PHASE_TRANSMISSION and not self._paused and not self._disc:
                 if len(buf) - pos < 28:
+                    break
+                if self._out_bytes + self._backlog() > _MAX_OUT:
+                    self._pause()  # replies wait to be read: stop reading requests too
                     break
                 magic, flags, cmd, cookie, offset, length = proto.REQUEST.unpack_from(buf, pos)
                 if magic != proto.REQUEST_MAGIC:
@@ -354,8 +377,11 @@ class NbdConnection(asyncio.Protocol):
                 else:
                     del buf[:pos]
                 self._out = None
+                self._out_bytes = 0
                 if out and self.transport is not None:
                     self.transport.writelines(out)
+                if self._paused and not self._writing_paused:
+                    asyncio.get_running_loop().call_soon(self._maybe_resume)
 
     def _error(self, cookie: int, err: int, msg: str, *, is_read: bool = False) -> None:
         if self.structured:

@@ -52,15 +52,6 @@ def test_write_past_the_file_size_limit_is_enospc_and_changes_nothing(daemon: Cd
     daemon.assert_consistent(NAME)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cdp/nbd/export.py Export.write: when pwrite succeeds for a prefix and then "
-    "fails (short write, then ENOSPC/EFBIG/EIO) it returns the error without journaling the "
-    "prefix that is now in the image; the export then returns data the journal never saw, "
-    "status still says protection ok, and a clean shutdown's marker hides it for good. Fix: "
-    "queue (offset, data[:done]) before returning the error (or mark those chunks dirty and "
-    "break protection so repair() captures them)",
-)
 def test_failed_write_leaves_image_and_journal_equal(daemon: CdpDaemon) -> None:
     with RawNbd.connect_export(daemon.sock(NAME), NAME) as c:
         r = c.pwrite(LIMIT - 2 * MIB, b"\x55" * (4 * MIB))  # 2 MiB land, then EFBIG
@@ -68,15 +59,6 @@ def test_failed_write_leaves_image_and_journal_equal(daemon: CdpDaemon) -> None:
     daemon.assert_consistent(NAME)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cdp/nbd/export.py Export.zero: the NO_HOLE (or no punch-hole) path ignores "
-    "os.pwrite's return value (`os.pwrite(fd, zeros[:k], pos); pos += k`), so a short write "
-    "is counted as done: WRITE_ZEROES answers success while part of the range still holds "
-    "the old data (C-Z1: must read back as zero), and the journal records zeros the image "
-    "does not have. Fix: loop on the count as write() does and report the error (ENOSPC for "
-    "ENOSPC/EFBIG, else EIO), journaling only the part actually zeroed",
-)
 def test_write_zeroes_short_write_is_not_hidden(daemon: CdpDaemon) -> None:
     off = LIMIT - MIB // 2
     with RawNbd.connect_export(daemon.sock(NAME), NAME) as c:

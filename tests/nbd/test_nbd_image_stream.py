@@ -37,14 +37,6 @@ def test_abandoned_download_releases_its_hold(daemon: CdpDaemon) -> None:
     daemon.assert_consistent(NAME)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cdp/daemon/api.py image(): a reader that disconnects mid-stream makes "
-    "resp.write raise aiohttp ClientConnectionResetError, which the _errors middleware logs "
-    "as ERROR 'request crashed' with a traceback and answers with a 500 on a stream already "
-    "started; fix: catch ConnectionResetError (ClientConnectionResetError subclasses it) in "
-    "image() and return quietly (log at info: the client went away)",
-)
 def test_abandoned_download_is_not_logged_as_a_crash(daemon: CdpDaemon) -> None:
     abandon_download(daemon)
     time.sleep(0.2)

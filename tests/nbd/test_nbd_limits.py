@@ -58,14 +58,6 @@ def peak_growth_while_not_reading(
     return peak - base
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cdp/nbd/server.py NbdConnection._transmission parses every complete request "
-    "in the buffer and queues all their replies (READ data included) in `out` before one "
-    "send; nothing caps the reply bytes per batch, so 32 pipelined 8 MiB READs (896 bytes "
-    "of requests) make the daemon hold 256 MiB+ of reply data (x4 with asyncio's transport "
-    "buffer); RSS grows with the number of requests, not by a per-connection constant",
-)
 def test_pipelined_reads_not_read_back_hold_bounded_memory(daemon: CdpDaemon) -> None:
     reads, length = 32, SIZE  # 256 MiB of reply data for 896 bytes of requests
     with RawNbd.connect_export(daemon.sock(NAME), NAME, timeout=60) as c:

@@ -146,7 +146,6 @@ FIRST_POINT_KEPT = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=FIRST_POINT_KEPT)
 def test_clean_restart_keeps_the_first_point(tmp_path: Path) -> None:
     image = filled_image(tmp_path / "r0.raw", SIZE, 5)
     with running_daemon(tmp_path, [Volume(NAME, SIZE, image=image)]) as d:
@@ -157,15 +156,6 @@ def test_clean_restart_keeps_the_first_point(tmp_path: Path) -> None:
         assert onboarding(d)["first_point_seq"] == first
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cdp/daemon/service.py Daemon._onboard_nbd / cdp/capture/splitter.py "
-    "onboard_export: after a crash (no clean marker) the catch-up comparison writes a second "
-    "'onboarded:NAME' checkpoint and reports it as first_point_seq, so every crash moves the "
-    "first complete point forward although every acknowledged write was journaled; scan "
-    "volumes keep theirs (7ed87d6). Fix: if find_checkpoint('onboarded:NAME') exists, run the "
-    "comparison as a catch-up (no new onboarded: checkpoint) and keep its seq",
-)
 def test_crash_restart_keeps_the_first_point(tmp_path: Path) -> None:
     image = filled_image(tmp_path / "r0.raw", SIZE, 6)
     with running_daemon(tmp_path, [Volume(NAME, SIZE, image=image)]) as d:
