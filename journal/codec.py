@@ -77,8 +77,16 @@ def bin_prefix(n: int) -> bytes:
     return b"\xc6" + n.to_bytes(4, "big")
 
 
-def decode(payload: bytes | memoryview) -> Record:
-    """Parse a payload that already passed its frame checksum; DecodeError if malformed."""
+def decode(payload: bytes | memoryview, *, copy: bool = True) -> Record:
+    """Parse a payload that already passed its frame checksum; DecodeError if malformed.
+
+    ``copy=False`` leaves a hot write's data as a view into ``payload`` (no copy, and the
+    GIL is not held over megabytes): for sealing and recovery, which only pass it through.
+    """
+    if len(payload) > 2 and payload[0] == 0x98 and payload[1] == T_WRITE:
+        rec = _decode_inline_write(payload, copy)
+        if rec is not None:
+            return rec
     try:
         obj = msgpack.unpackb(
             payload,
@@ -119,6 +127,37 @@ def decode(payload: bytes | memoryview) -> Record:
     except (ValueError, TypeError, IndexError, KeyError) as e:
         raise DecodeError(f"malformed record: {e}") from e
     raise DecodeError(f"unknown record type {kind!r}")
+
+
+def _decode_inline_write(payload: bytes | memoryview, copy: bool) -> WriteRecord | None:
+    """The common hot write: 7 small fields, then the data as the payload's last bytes."""
+    u = msgpack.Unpacker(
+        raw=False, max_str_len=4096, max_bin_len=0, max_array_len=0, max_map_len=0, max_ext_len=0
+    )
+    u.feed(bytes(payload[:320]))
+    try:
+        u.read_array_header()
+        fields = [u.unpack() for _ in range(7)]
+    except Exception:
+        return None  # not the simple shape: the general decoder will say what is wrong
+    pos = u.tell()
+    tag = payload[pos] if pos < len(payload) else 0
+    width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(tag)
+    if width is None:
+        return None
+    n = int.from_bytes(payload[pos + 1 : pos + 1 + width], "big")
+    start = pos + 1 + width
+    _, seq, ts, wall, vol, off, length = fields
+    if (
+        start + n != len(payload)
+        or n != length
+        or not isinstance(vol, str)
+        or not all(isinstance(x, int) for x in (seq, ts, off, length))
+        or not (wall is None or isinstance(wall, int))
+    ):
+        raise DecodeError("malformed write record")
+    view = memoryview(payload)[start:]
+    return WriteRecord(Seq(seq), ts, vol, off, length, view.tobytes() if copy else view, (), wall)
 
 
 def pack_obj(obj: Any) -> bytes:

@@ -330,7 +330,7 @@ class Journal:
                 truncated = (name, 0, 0)
                 break
             rframes = [fr for fr in res.frames if not fr.meta]
-            recs = [codec_decode(fr.payload, name, fr.offset) for fr in rframes]
+            recs = [codec_decode(fr.payload, name, fr.offset, copy=False) for fr in rframes]
             if recs and recs[-1].seq <= self.base_seq:
                 f.close()  # folded already; the crash came before its removal
                 st.remove(path)
@@ -847,7 +847,7 @@ class Journal:
         for fr in res.frames:
             if fr.meta:  # notes vouch for older segments; a sealed segment needs none
                 continue
-            rec = codec_decode(fr.payload, name, fr.offset)
+            rec = codec_decode(fr.payload, name, fr.offset, copy=False)
             recs.append(rec)
             if isinstance(rec, WriteRecord) and rec.data is not None:
                 data = memoryview(rec.data)
@@ -1176,9 +1176,9 @@ def _single(rec: Record) -> tuple[Record, list[bytes | memoryview]]:
     return rec, [codec.encode(rec)]
 
 
-def codec_decode(payload: memoryview, name: str, offset: int) -> Record:
+def codec_decode(payload: memoryview, name: str, offset: int, *, copy: bool = True) -> Record:
     try:
-        return codec.decode(payload)
+        return codec.decode(payload, copy=copy)
     except codec.DecodeError as e:
         raise SegmentCorrupt(name, offset, str(e)) from e
 

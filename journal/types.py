@@ -43,7 +43,7 @@ class WriteRecord:
     volume: str
     offset: int
     length: int
-    data: bytes | None  # inline data (hot segment), or None when ``refs`` holds it
+    data: bytes | memoryview | None  # inline data (hot segment), or None when ``refs`` has it
     refs: tuple[BlockRef, ...] = ()
     wall: int | None = None
 
