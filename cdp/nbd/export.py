@@ -244,14 +244,21 @@ class Export:
             if self._flushed_gen >= my_gen:
                 return
             target = self._write_gen
-            await asyncio.to_thread(os.fdatasync, self.fd)
+            # Image and journal are flushed at the same time, each in its own thread.
+            image = asyncio.to_thread(os.fdatasync, self.fd)
             if self.protected:
-                try:
-                    await asyncio.to_thread(self._journal().sync)
-                except (JournalError, OSError) as e:
-                    self._broken(f"journal sync failed: {e}")
+                journal = asyncio.to_thread(self._journal().sync)
+                res = await asyncio.gather(image, journal, return_exceptions=True)
+                if isinstance(res[1], JournalError | OSError):
+                    self._broken(f"journal sync failed: {res[1]}")
                     cs = self.chunk_size  # what the failed sync covered must be recaptured
                     self.dirty.update(range((self.size + cs - 1) // cs))
+                elif isinstance(res[1], BaseException):
+                    raise res[1]
+                if isinstance(res[0], BaseException):
+                    raise res[0]  # an image fsync error goes to the guest (EIO)
+            else:
+                await image
             self._flushed_gen = target
             self.stats.flushes += 1
 
