@@ -1,0 +1,126 @@
+"""Our NBD export (journaling every write) against qemu-nbd on an identical raw file.
+
+The same fio jobs (--ioengine=nbd) run against both servers, alternated, median of N runs;
+the table prints both and the ratio. After the sequential job, the background stage's
+backlog (segments not yet sealed) and its drain time are reported from the daemon status.
+
+    .venv/bin/python bench/nbd_bench.py             # full: 10 s jobs, 30 s sequential, N=3
+    .venv/bin/python bench/nbd_bench.py --quick     # 3 s jobs, N=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+JOBS = [
+    ("4k randwrite QD1", ["--rw=randwrite", "--bs=4k", "--iodepth=1"], "iops"),
+    ("4k randwrite QD16", ["--rw=randwrite", "--bs=4k", "--iodepth=16"], "iops"),
+    ("64k randwrite QD8", ["--rw=randwrite", "--bs=64k", "--iodepth=8"], "iops"),
+    ("1M seq write QD4", ["--rw=write", "--bs=1M", "--iodepth=4"], "bw"),
+    ("4k randwrite QD16 flush/32", ["--rw=randwrite", "--bs=4k", "--iodepth=16",
+                                    "--fsync=32"], "iops"),
+]
+SIZE = "1G"
+
+
+def fio(uri: str, args: list[str], runtime: int) -> dict:  # type: ignore[type-arg]
+    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--size={SIZE}",
+           f"--runtime={runtime}", "--time_based", "--refill_buffers",
+           "--output-format=json", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    w = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    return {"iops": w["iops"], "bw": w["bw_bytes"] / 1e6}
+
+
+def api(sock: str, path: str) -> dict:  # type: ignore[type-arg]
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    raw = b""
+    while chunk := s.recv(65536):
+        raw += chunk
+    return json.loads(raw.partition(b"\r\n\r\n")[2])  # type: ignore[no-any-return]
+
+
+def wait_socket(path: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", default=str(Path(__file__).parent / "tmp" / "nbd_bench"))
+    a = ap.parse_args()
+    runtime, seq_runtime = (3, 5) if a.quick else (10, 30)
+    work = Path(a.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    sock_dir = Path(tempfile.mkdtemp(prefix="cdpb-", dir="/tmp"))
+    ours_img, peer_img = work / "ours.raw", work / "peer.raw"
+    for img in (ours_img, peer_img):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(img), SIZE], check=True)
+    cfg = work / "cdp.toml"
+    cfg.write_text(
+        f'[daemon]\nstate_dir = "{work / "state"}"\napi = "unix:{sock_dir}/api.sock"\n'
+        f'[[volume]]\nname = "disk0"\nsize = "1GiB"\nsource = "nbd"\n'
+        f'image = "{ours_img}"\nlisten = "unix:{sock_dir}/ours.sock"\n'
+    )
+    ours = subprocess.Popen([sys.executable, "-m", "cdp", "daemon", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "w"))
+    peer = subprocess.Popen(["qemu-nbd", f"--socket={sock_dir}/peer.sock", "--format=raw",
+                             "--export-name=disk0", "--persistent", "--cache=writeback",
+                             str(peer_img)])
+    try:
+        wait_socket(f"{sock_dir}/ours.sock")
+        wait_socket(f"{sock_dir}/peer.sock")
+        uris = {"cdp": f"nbd+unix:///disk0?socket={sock_dir}/ours.sock",
+                "qemu-nbd": f"nbd+unix:///disk0?socket={sock_dir}/peer.sock"}
+        print(f"fio jobs, {runtime} s each ({seq_runtime} s sequential), median of {a.runs}, "
+              "alternated; cdp journals every write")
+        print(f"{'job':30} {'cdp':>12} {'qemu-nbd':>12} {'ratio':>7}")
+        for name, args, key in JOBS:
+            rt = seq_runtime if key == "bw" else runtime
+            res: dict[str, list[float]] = {"cdp": [], "qemu-nbd": []}
+            for _ in range(a.runs):
+                for who in ("cdp", "qemu-nbd"):
+                    res[who].append(fio(uris[who], args, rt)[key])
+            m = {k: statistics.median(v) for k, v in res.items()}
+            unit = "MB/s" if key == "bw" else "IOPS"
+            print(f"{name:30} {m['cdp']:>9.0f} {unit:<2} {m['qemu-nbd']:>9.0f} {unit:<2} "
+                  f"{m['cdp'] / m['qemu-nbd']:>6.0%}", flush=True)
+            if key == "bw":
+                st = api(f"{sock_dir}/api.sock", "/v1/status")["groups"][0]
+                backlog = st["unsealed_segments"]
+                t0 = time.monotonic()
+                while api(f"{sock_dir}/api.sock", "/v1/status")["groups"][0][
+                        "unsealed_segments"] > 0 and time.monotonic() - t0 < 600:
+                    time.sleep(0.2)
+                print(f"{'':30} backlog after the run: {backlog} segments, drained in "
+                      f"{time.monotonic() - t0:.1f} s", flush=True)
+    finally:
+        ours.send_signal(signal.SIGTERM)
+        peer.terminate()
+        ours.wait(60)
+        peer.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
