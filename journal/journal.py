@@ -755,13 +755,15 @@ class Journal:
                     f"read [{offset}, {offset + len(out)}) outside volume "
                     f"{volume!r} of {vm.size} bytes"
                 )
-            vm.read_into(out, offset, at, cache or BlockCache(self.store.get))
+            vm.read_into(
+                out, offset, at, cache or BlockCache(self.store.get, fetch_many=self.store.get_many)
+            )
 
     def volume_size(self, volume: str, at: int | None = None) -> int:
         return self._vol(volume).size
 
     def new_cache(self) -> BlockCache:
-        return BlockCache(self.store.get)
+        return BlockCache(self.store.get, fetch_many=self.store.get_many)
 
     def seq_at_time(self, t_ns: int) -> Seq:
         """The last seq whose journal time is <= t (journal time never runs backwards)."""

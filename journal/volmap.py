@@ -51,10 +51,42 @@ _seq_key = attrgetter("seq")
 class BlockCache:
     """A few recently read blocks: sequential small reads hit the same 64 KiB block."""
 
-    def __init__(self, fetch: Callable[[BlockRef], bytes], entries: int = 256) -> None:
+    def __init__(
+        self,
+        fetch: Callable[[BlockRef], bytes],
+        entries: int = 256,
+        fetch_many: Callable[[list[BlockRef]], dict[bytes, bytes]] | None = None,
+    ) -> None:
         self._fetch = fetch
+        self._fetch_many = fetch_many
         self._entries = entries
         self._lru: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get_many(self, refs: list[BlockRef]) -> dict[bytes, bytes]:
+        """Every block of ``refs`` by id: cached ones from memory, the rest in one batch."""
+        out: dict[bytes, bytes] = {}
+        missing: list[BlockRef] = []
+        for r in refs:
+            if r.block_id in out:
+                continue
+            data = self._lru.get(r.block_id)
+            if data is not None:
+                out[r.block_id] = data
+            else:
+                missing.append(r)
+                out[r.block_id] = b""
+        if missing:
+            got: dict[bytes, bytes] = (
+                self._fetch_many(missing)
+                if self._fetch_many is not None
+                else {bytes(r.block_id): self._fetch(r) for r in missing}
+            )
+            out.update(got)
+            for bid in got.keys() - self._lru.keys():
+                self._lru[bid] = got[bid]
+            while len(self._lru) > self._entries:
+                self._lru.popitem(last=False)
+        return out
 
     def get(self, ref: BlockRef) -> bytes:
         data = self._lru.get(ref.block_id)
@@ -108,9 +140,14 @@ class VolumeMap:
                 del lst[:k]
 
     def read_into(self, out: memoryview, offset: int, at_seq: int, cache: BlockCache) -> None:
-        """Fill ``out`` (zeroed by the caller) with bytes [offset, offset+len(out)) as of seq."""
+        """Fill ``out`` (zeroed by the caller) with bytes [offset, offset+len(out)) as of seq.
+
+        Two passes: plan which version supplies each byte range, then fetch every block the
+        plan needs in one ``get_many`` (sorted, coalesced pack reads) and copy.
+        """
         end = offset + len(out)
         cs = self.chunk_size
+        fills: list[tuple[int, int, BlockRef | File, int]] = []  # dst, length, source, src off
         for c in self.chunk_range(offset, len(out)):
             need = [(max(offset, c * cs), min(end, (c + 1) * cs))]
             lst = self.chunks.get(c)
@@ -127,7 +164,7 @@ class VolumeMap:
                             rest.append((a, b))
                             continue
                         if e.src is not None:
-                            _fill(out, s - offset, e, s, t, cache)
+                            _plan(fills, s - offset, e, s, t)
                         if a < s:
                             rest.append((a, s))
                         if t < b:
@@ -136,16 +173,23 @@ class VolumeMap:
             if need:
                 ref = self.base.get(c)
                 if ref is not None:
-                    data = cache.get(ref)
                     for a, b in need:
-                        out[a - offset : b - offset] = data[a - c * cs : b - c * cs]
+                        fills.append((a - offset, b - a, ref, a - c * cs))
+        blocks = cache.get_many([f[2] for f in fills if isinstance(f[2], BlockRef)])
+        for dst, n, src, soff in fills:
+            if isinstance(src, BlockRef):
+                out[dst : dst + n] = blocks[src.block_id][soff : soff + n]
+            else:
+                data = src.pread(n, soff)
+                out[dst : dst + len(data)] = data
 
 
-def _fill(out: memoryview, dst: int, e: Extent, s: int, t: int, cache: BlockCache) -> None:
+def _plan(
+    fills: list[tuple[int, int, BlockRef | File, int]], dst: int, e: Extent, s: int, t: int
+) -> None:
     src = e.src
     if isinstance(src, Inline):
-        data = src.file.pread(t - s, src.offset + (s - e.offset))
-        out[dst : dst + len(data)] = data
+        fills.append((dst, t - s, src.file, src.offset + (s - e.offset)))
         return
     assert src is not None
     pos = e.offset
@@ -157,5 +201,4 @@ def _fill(out: memoryview, dst: int, e: Extent, s: int, t: int, cache: BlockCach
         if rs >= t:
             break
         a, b = max(rs, s), min(re_, t)
-        data = cache.get(ref)
-        out[dst + (a - s) : dst + (b - s)] = data[a - rs : b - rs]
+        fills.append((dst + (a - s), b - a, ref, a - rs))
