@@ -222,6 +222,10 @@ class BlockStore:
         new_idx = list(new.values())
         stored = self._parallel(self._compress, [chunks[k] for k in new_idx])
         with self._lock:
+            # One writev per batch (and per pack), not one per entry.
+            parts: list[bytes | memoryview] = []
+            entries: list[tuple[bytes, int, int, int]] = []  # id, offset in batch, stored, raw
+            size = 0
             for k, (codec, body) in zip(new_idx, stored, strict=True):
                 b = ids[k]
                 if b in self._pending:
@@ -229,14 +233,14 @@ class BlockStore:
                 head = ENTRY.pack(
                     b, len(chunks[k]), len(body), codec, xxhash.xxh3_64_intdigest(body)
                 )
-                try:
-                    f = self._writable()
-                    off = f.append([head, body])
-                except OSError as e:
-                    self._failed = e
-                    raise
-                self._pending[b] = (self._writer_no, off, len(body), len(chunks[k]))
-                self._pending_sizes[self._writer_no] = f.size()
+                parts += (head, body)
+                entries.append((b, size, len(body), len(chunks[k])))
+                size += ENTRY.size + len(body)
+                if size >= 8 << 20:
+                    self._append_entries(parts, entries)
+                    parts, entries, size = [], [], 0
+            if entries:
+                self._append_entries(parts, entries)
             refs: list[BlockRef] = []
             for k, b in enumerate(ids):
                 loc = self._pending.get(b)
@@ -246,6 +250,20 @@ class BlockStore:
                     old = known[b]
                     refs.append(BlockRef(b, len(chunks[k]), old.pack, old.offset))
         return refs
+
+    def _append_entries(
+        self, parts: list[bytes | memoryview], entries: list[tuple[bytes, int, int, int]]
+    ) -> None:
+        """Write a run of pack entries with one writev and record them as pending."""
+        try:
+            f = self._writable()
+            base = f.append(parts)
+        except OSError as e:
+            self._failed = e
+            raise
+        for b, rel, stored_len, raw_len in entries:
+            self._pending[b] = (self._writer_no, base + rel, stored_len, raw_len)
+        self._pending_sizes[self._writer_no] = f.size()
 
     def _writable(self) -> File:
         if self._writer is not None and self._writer.size() < self.pack_target:

@@ -132,6 +132,8 @@ class Journal:
         self._writer: SegmentWriter | None = None
         self._unsealed: deque[int] = deque()
         self._rolls: list[Future[None]] = []
+        self._rolls_lock = threading.Lock()
+        self._tail: tuple[int, int, SegmentWriter | None] = (0, 0, None)
         self._note_durable = -1  # a segment whose roll fsync is done, not yet noted
         self._roller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-roll")
         self._ts = array("q")  # journal time of seq base_seq+1+i
@@ -404,6 +406,7 @@ class Journal:
                     synced_upto=min(seg.file.size(), MAX_SEGMENT),
                 )
                 self._durable = (no, seg.file.size())
+                self._publish(self._writer)
                 continue
             if not seg.sealed:
                 assert seg.file is not None
@@ -524,6 +527,7 @@ class Journal:
         self.segs.append(_Seg(no, self.next_seq, self.next_seq - 1, 0, 0, 0, 0, False, f))
         self._writer = w
         self._write_note(w)  # a roll that finished before this segment existed
+        self._publish(w)
         return w
 
     def _roll(self, w: SegmentWriter) -> None:
@@ -535,8 +539,10 @@ class Journal:
         """
         seg = self.segs[-1]
         seg.size = w.size()
-        self._rolls.append(self._roller.submit(self._finish_roll, w, seg))
+        with self._rolls_lock:
+            self._rolls.append(self._roller.submit(self._finish_roll, w, seg))
         self._writer = None
+        self._publish(None)
 
     def _finish_roll(self, w: SegmentWriter, seg: _Seg) -> None:
         try:
@@ -567,12 +573,18 @@ class Journal:
             raise self._failed from e
         self._note_durable = -1
         self.segs[-1].size = w.size()
+        if w is self._writer:
+            self._publish(w)
 
     def _wait_rolls(self, rolls: list[Future[None]]) -> None:
         for f in rolls:
             f.result()  # re-raises the StorageError of a failed roll fsync
-        with self._append_lock:
+        with self._rolls_lock:
             self._rolls = [f for f in self._rolls if not f.done() or f.exception()]
+
+    def _publish(self, w: SegmentWriter | None) -> None:
+        """Make the append tail visible to sync() (one atomic tuple assignment)."""
+        self._tail = (self.segs[-1].no, w.size(), w) if w is not None else (0, 0, None)
 
     def _do_append(self, build: _Builder) -> Seq:
         with self._append_lock:
@@ -647,6 +659,7 @@ class Journal:
             self.next_seq = seq0 + len(ops)
             seg = self.segs[-1]
             seg.size = w.size()
+            self._publish(w)
             with self._map_lock:
                 for rec, poff, plen in zip(recs, offsets, ends, strict=True):
                     self._apply(rec, seg, poff + plen)
@@ -664,6 +677,7 @@ class Journal:
         self.next_seq = rec.seq + 1
         seg = self.segs[-1]
         seg.size = w.size()
+        self._publish(w)
         with self._map_lock:
             self._apply(rec, seg, payload_off + nbytes)
 
@@ -680,14 +694,17 @@ class Journal:
         Group commit: callers that arrive while an fdatasync runs wait for the next one and
         share it, so N concurrent syncs cost about two fsyncs, not N.
         """
-        with self._append_lock:
-            self._check_open()
-            w = self._writer
-            rolls = list(self._rolls)
-            target = (self.segs[-1].no, w.size()) if w is not None else None
+        # No append lock here: the appender holds it across writev, and Python locks are not
+        # fair, so a busy appender would starve the syncer. The tail is published atomically
+        # after every append; it is read before the roll list, and a roll queues its fsync
+        # before it publishes the new tail, so no segment is missed.
+        self._check_open()
+        no, size, w = self._tail
+        rolls = list(self._rolls)
         self._wait_rolls(rolls)
-        if target is None:
+        if w is None:
             return
+        target = (no, size)
         with self._sync_cv:
             while self._durable < target:
                 self._check_open()  # after a failed fsync, never retry it (fsyncgate)
@@ -700,10 +717,9 @@ class Journal:
         done = self._durable
         ok = False
         try:
-            with self._append_lock:
-                w = self._writer
-                rolls = list(self._rolls)
-                done = target if w is None else (self.segs[-1].no, w.size())
+            no, size, w = self._tail
+            rolls = list(self._rolls)
+            done = target if w is None else (no, size)
             self._wait_rolls(rolls)  # the target segment may have rolled meanwhile
             if w is not None:
                 try:
