@@ -53,6 +53,7 @@ __all__ = [
     "Config",
     "DaemonConfig",
     "NbdSource",
+    "NbdTlsMode",
     "QemuSource",
     "ReceiverConfig",
     "ReplicaConfig",
@@ -81,6 +82,7 @@ _DEFAULT_RECEIVER_STATE: Final = Path("/var/lib/cdp/replica")
 LogFormat: TypeAlias = Literal["text", "json"]
 LogLevel: TypeAlias = Literal["debug", "info", "warning", "error", "critical"]
 EventLoop: TypeAlias = Literal["uvloop", "asyncio"]
+NbdTlsMode: TypeAlias = Literal["require", "allow"]
 Compression: TypeAlias = Literal["zstd", "none"]
 T = TypeVar("T")
 
@@ -101,12 +103,18 @@ class NbdSource:
     """``source = "nbd"``: cdp serves the volume over NBD and journals writes as they pass.
 
     ``image`` is the backing raw file (may already hold data); ``listen`` is where the VM's
-    NBD client connects. The NBD export name is the volume name.
+    NBD client connects. The NBD export name is the volume name. With ``tls_cert`` and
+    ``tls_key`` (TCP listen only) the server offers ``NBD_OPT_STARTTLS``; ``tls`` is
+    ``"require"`` (the spec's FORCEDTLS: nothing but STARTTLS/ABORT before TLS) or
+    ``"allow"`` (plaintext clients are served too).
     """
 
     kind: ClassVar[str] = "nbd"
     image: Path
     listen: Address
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls: NbdTlsMode = "require"
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,9 +457,7 @@ class _Parser:
         why = f'required for source "{kind}"'
         source: Source
         if kind == "nbd":
-            source = NbdSource(
-                image=t.need("image", self.path, why), listen=t.need("listen", self.address, why)
-            )
+            source = self.nbd_source(t, why)
         elif kind == "qemu":
             source = QemuSource(
                 qmp=t.need("qmp", self.address, why),
@@ -467,6 +473,29 @@ class _Parser:
             )
         t.finish()
         return VolumeConfig(name=name, size_bytes=size, group=group, source=source)
+
+    def nbd_source(self, t: _Table, why: str) -> NbdSource:
+        image = t.need("image", self.path, why)
+        listen = t.need("listen", self.address, why)
+        tls_cert = t.get("tls_cert", self.path)
+        tls_key = t.get("tls_key", self.path)
+        _check_pair(t, tls_cert, tls_key)
+        tls = t.get("tls", _choice("require", "allow"))
+        if tls_cert is not None and listen.kind != "tcp":
+            raise t.error(
+                "tls_cert",
+                "TLS is only offered on a TCP listen address (a unix socket is local)",
+                t.data["tls_cert"],
+            )
+        if tls is not None and tls_cert is None:
+            raise t.error("tls", "needs tls_cert and tls_key", t.data["tls"])
+        return NbdSource(
+            image=image,
+            listen=listen,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls=cast(NbdTlsMode, tls or "require"),
+        )
 
     def retention(self, t: _Table) -> RetentionConfig:
         d = RetentionConfig()
@@ -590,7 +619,7 @@ class _Parser:
 
 
 _SOURCE_KEYS_BY_KIND: Final = {
-    "nbd": frozenset({"image", "listen"}),
+    "nbd": frozenset({"image", "listen", "tls_cert", "tls_key", "tls"}),
     "qemu": frozenset({"qmp", "node", "poll_interval", "scan_rate"}),
     "scan": frozenset({"path", "poll_interval", "scan_rate"}),
 }

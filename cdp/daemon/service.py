@@ -18,12 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cdp.capture.hashscan import HashScanner
 from cdp.capture.splitter import CleanMarker, onboard_export
-from cdp.config import Config, NbdSource, ScanSource, VolumeConfig
+from cdp.config import Config, NbdSource, NbdTlsMode, ScanSource, VolumeConfig
 from cdp.nbd.export import Export, ExportSet
-from cdp.nbd.server import NbdServer
+from cdp.nbd.server import NbdServer, server_tls_context
 from journal import CheckpointKind, Journal, JournalOptions, wall_clock
 from journal.clock import Clock
 
@@ -117,6 +118,7 @@ class Daemon:
         """Open every nbd volume's image and listen; volumes sharing an address share a server."""
         by_addr: dict[str, ExportSet] = {}
         addrs = {}
+        tls: dict[str, tuple[Path | None, Path | None, NbdTlsMode]] = {}
         for v in self.volumes.values():
             src = v.config.source
             if not isinstance(src, NbdSource):
@@ -134,8 +136,19 @@ class Daemon:
             key = str(src.listen)
             by_addr.setdefault(key, ExportSet()).exports[ex.name] = ex
             addrs[key] = src.listen
+            want = (src.tls_cert, src.tls_key, src.tls)
+            if tls.setdefault(key, want) != want:
+                raise ValueError(
+                    f"volumes listening on {key} disagree on TLS (tls_cert, tls_key, tls); "
+                    "one NBD server per address has one TLS setting"
+                )
         for key, exports in by_addr.items():
-            server = NbdServer(exports)
+            cert, tls_key, mode = tls[key]
+            ctx = None
+            if cert is not None and tls_key is not None:
+                # an unreadable or mismatched cert/key raises OSError (ssl.SSLError is one)
+                ctx = await asyncio.to_thread(server_tls_context, str(cert), str(tls_key))
+            server = NbdServer(exports, ctx, mode)
             a = addrs[key]
             if a.kind == "unix":
                 assert a.path is not None

@@ -8,6 +8,12 @@ are processed in arrival order, so overlapping writes apply in the order the cli
 Bad input: a malformed option gets the spec's error reply; a framing violation (bad magic,
 oversized payload) disconnects that client only. Nothing is journaled for a request that is
 refused, and a request is either journaled whole or not at all.
+
+TLS (``NBD_OPT_STARTTLS``, TCP only): after the ACK the connection reads nothing more in
+plaintext; bytes the client sent after the option before the handshake are a protocol violation
+and cost it the connection. A successful handshake swaps in the TLS transport and forgets every
+earlier negotiation result (CVE-2021-3716). In ``"require"`` mode (the spec's FORCEDTLS) only
+STARTTLS and ABORT are answered before TLS.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import struct
-from typing import Any
+from typing import Any, Literal
 
 from cdp.nbd import proto
 from cdp.nbd.export import Export, ExportSet
@@ -24,7 +31,10 @@ from cdp.sockpath import prepare_socket_path, remove_socket
 
 log = logging.getLogger(__name__)
 
-_PHASE_FLAGS, _PHASE_OPTIONS, _PHASE_TRANSMISSION, _PHASE_CLOSED = range(4)
+_PHASE_FLAGS, _PHASE_OPTIONS, _PHASE_TRANSMISSION, _PHASE_CLOSED, _PHASE_STARTTLS = range(5)
+TlsMode = Literal["require", "allow"]
+_READING = (_PHASE_FLAGS, _PHASE_OPTIONS, _PHASE_TRANSMISSION)  # phases that parse input
+_BEFORE_TLS = (proto.OPT_STARTTLS, proto.OPT_ABORT)  # all FORCEDTLS answers without TLS
 CONTEXT_BASE_ALLOCATION = 1
 _MAX_PENDING = 256  # queued FUA/FLUSH replies before we stop reading (backpressure)
 _MAX_OUT = 32 * 1024 * 1024  # reply bytes queued before we stop parsing requests
@@ -40,9 +50,34 @@ _VALID_FLAGS = {
 }
 
 
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server-side context: TLS 1.2 or newer, our certificate, no client certificate.
+
+    Raises:
+        OSError: the certificate or key cannot be read or do not match; ``filename`` names
+            the pair.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except OSError as e:  # ssl.SSLError included; neither names the file
+        reason = e.strerror or getattr(e, "reason", None) or str(e)
+        raise OSError(e.errno or 0, f"NBD TLS certificate/key: {reason}", f"{cert}, {key}") from e
+    return ctx
+
+
 class NbdConnection(asyncio.Protocol):
-    def __init__(self, exports: ExportSet) -> None:
+    def __init__(
+        self,
+        exports: ExportSet,
+        tls_context: ssl.SSLContext | None = None,
+        tls_mode: TlsMode = "require",
+    ) -> None:
         self.exports = exports
+        self.tls_context = tls_context
+        self.tls_required = tls_context is not None and tls_mode == "require"
+        self.tls = False  # the TLS handshake has completed on this connection
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.phase = _PHASE_FLAGS
@@ -149,7 +184,7 @@ class NbdConnection(asyncio.Protocol):
                     self.data_received(b"")
 
     def _process(self) -> None:
-        while self.phase != _PHASE_CLOSED and not self._paused:
+        while self.phase in _READING and not self._paused:
             if self.phase == _PHASE_TRANSMISSION:
                 self._transmission()
                 return
@@ -184,6 +219,11 @@ class NbdConnection(asyncio.Protocol):
         if self.exports.shutting_down and option != proto.OPT_ABORT:
             self._send(proto.option_error(option, proto.REP_ERR_SHUTDOWN, "server shutting down"))
             return True
+        if self.tls_required and not self.tls and option not in _BEFORE_TLS:
+            if option == proto.OPT_EXPORT_NAME:  # no error reply exists for it: disconnect
+                raise proto.ProtocolError("NBD_OPT_EXPORT_NAME before TLS on a TLS-only server")
+            self._send(proto.option_error(option, proto.REP_ERR_TLS_REQD, "TLS is required"))
+            return True
         handler = {
             proto.OPT_EXPORT_NAME: self._opt_export_name,
             proto.OPT_ABORT: self._opt_abort,
@@ -193,11 +233,10 @@ class NbdConnection(asyncio.Protocol):
             proto.OPT_STRUCTURED_REPLY: self._opt_structured,
             proto.OPT_LIST_META_CONTEXT: self._opt_meta,
             proto.OPT_SET_META_CONTEXT: self._opt_meta,
+            proto.OPT_STARTTLS: self._opt_starttls,
         }.get(option)
         if handler is None:
-            msg = "TLS is not configured" if option == proto.OPT_STARTTLS else "unsupported"
-            rep = proto.REP_ERR_POLICY if option == proto.OPT_STARTTLS else proto.REP_ERR_UNSUP
-            self._send(proto.option_error(option, rep, msg))
+            self._send(proto.option_error(option, proto.REP_ERR_UNSUP, "unsupported"))
             return True
         handler(option, data)
         return True
@@ -233,6 +272,65 @@ class NbdConnection(asyncio.Protocol):
     def _opt_abort(self, option: int, data: bytes) -> None:
         self._send(proto.option_reply(option, proto.REP_ACK))
         self._close()
+
+    def _opt_starttls(self, option: int, data: bytes) -> None:
+        if data:
+            self._send(proto.option_error(option, proto.REP_ERR_INVALID, "STARTTLS takes no data"))
+            return
+        if self.tls_context is None:
+            self._send(proto.option_error(option, proto.REP_ERR_POLICY, "TLS is not configured"))
+            return
+        if self.tls:
+            self._send(proto.option_error(option, proto.REP_ERR_INVALID, "TLS is already on"))
+            return
+        if self.buf:  # plaintext sent before the handshake: CVE-2021-3716's injection
+            raise proto.ProtocolError("data sent after NBD_OPT_STARTTLS before the TLS handshake")
+        transport = self.transport
+        assert transport is not None
+        self._send(proto.option_reply(option, proto.REP_ACK))
+        self.phase = _PHASE_STARTTLS
+        transport.pause_reading()  # nothing more is read in plaintext; start_tls resumes it
+        task = asyncio.get_running_loop().create_task(self._start_tls(transport, self.tls_context))
+        self.tasks.add(task)
+
+    async def _start_tls(self, transport: asyncio.Transport, ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                new = await loop.start_tls(
+                    transport,
+                    self,
+                    ctx,
+                    server_side=True,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,
+                )
+            except Exception as e:  # bad handshake, timeout, reset: costs this client only
+                log.warning(
+                    "nbd TLS handshake failed; disconnecting",
+                    extra={"peer": self.peer, "err": str(e) or type(e).__name__},
+                )
+                new = None
+            if self.phase != _PHASE_STARTTLS:
+                return  # the connection went away during the handshake
+            if new is None:
+                self.phase = _PHASE_CLOSED
+                transport.abort()
+                return
+            self.transport = new
+            self.tls = True
+            # CVE-2021-3716: nothing negotiated in plaintext survives into the TLS session.
+            self.structured = False
+            self.meta_export = None
+            self.meta_contexts = set()
+            self.export = None
+            self.phase = _PHASE_OPTIONS
+            log.info("nbd client switched to TLS", extra={"peer": self.peer})
+            if self.buf:  # decrypted options that arrived with the end of the handshake
+                self.data_received(b"")
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self.tasks.discard(task)
 
     def _opt_list(self, option: int, data: bytes) -> None:
         if data:
@@ -532,21 +630,31 @@ class NbdConnection(asyncio.Protocol):
 class NbdServer:
     """Listens on one address and serves the exports given to it."""
 
-    def __init__(self, exports: ExportSet) -> None:
+    def __init__(
+        self,
+        exports: ExportSet,
+        tls_context: ssl.SSLContext | None = None,
+        tls_mode: TlsMode = "require",
+    ) -> None:
         self.exports = exports
+        self.tls_context = tls_context
+        self.tls_mode: TlsMode = tls_mode
         self.server: asyncio.base_events.Server | None = None
         self.path: str | None = None
+
+    def _connection(self) -> NbdConnection:
+        return NbdConnection(self.exports, self.tls_context, self.tls_mode)
 
     async def start_unix(self, path: str) -> None:
         loop = asyncio.get_running_loop()
         prepare_socket_path(path)
-        self.server = await loop.create_unix_server(lambda: NbdConnection(self.exports), path)
+        self.server = await loop.create_unix_server(self._connection, path)
         os.chmod(path, 0o660)
         self.path = path
 
     async def start_tcp(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: NbdConnection(self.exports), host, port)
+        self.server = await loop.create_server(self._connection, host, port)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight flushes finish, then close every connection."""

@@ -86,6 +86,9 @@ class Volume:
     group: str | None = None
     listen: str | None = None  # config address: "unix:PATH" (default <short>/<name>.sock) or H:P
     image: Path | None = None  # default: <root>/<name>.raw (created sparse by the daemon)
+    tls_cert: Path | None = None  # NBD TLS (TCP listen only): server certificate chain
+    tls_key: Path | None = None
+    tls: str | None = None  # "require" | "allow" (config default: "require")
 
 
 def accepts(address: str) -> bool:
@@ -151,6 +154,12 @@ class CdpDaemon:
             ]
             if v.group:
                 lines.append(f'group = "{v.group}"')
+            if v.tls_cert is not None:
+                lines.append(f'tls_cert = "{v.tls_cert}"')
+            if v.tls_key is not None:
+                lines.append(f'tls_key = "{v.tls_key}"')
+            if v.tls is not None:
+                lines.append(f'tls = "{v.tls}"')
             lines.append("")
         self.config.write_text("\n".join(lines))
 

@@ -186,8 +186,10 @@ class _Partial:
 class RawNbd:
     """One connection. Use :meth:`connect_export` for the usual path, or the pieces."""
 
-    def __init__(self, path: str, *, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, path: str | tuple[str, int], *, timeout: float = 10.0) -> None:
+        """``path``: a unix socket path, or a (host, port) TCP address."""
+        fam = socket.AF_UNIX if isinstance(path, str) else socket.AF_INET
+        self.sock: socket.socket = socket.socket(fam, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
         self.structured = False
@@ -331,7 +333,7 @@ class RawNbd:
     @classmethod
     def connect_export(
         cls,
-        path: str,
+        path: str | tuple[str, int],
         name: str,
         *,
         structured: bool = False,
