@@ -82,8 +82,9 @@ def main() -> int:
         f'[[volume]]\nname = "disk0"\nsize = "1GiB"\nsource = "nbd"\n'
         f'image = "{ours_img}"\nlisten = "unix:{sock_dir}/ours.sock"\n'
     )
-    ours = subprocess.Popen([sys.executable, "-m", "cdp", "daemon", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "w"))
+    with open(work / "daemon.log", "w") as log:
+        ours = subprocess.Popen([sys.executable, "-m", "cdp", "daemon", "--config", str(cfg)],
+                                stdout=subprocess.DEVNULL, stderr=log)
     peer = subprocess.Popen(["qemu-nbd", f"--socket={sock_dir}/peer.sock", "--format=raw",
                              "--export-name=disk0", "--persistent", "--cache=writeback",
                              str(peer_img)])
