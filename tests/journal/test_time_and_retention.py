@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from journal import Journal, JournalOptions, ManualClock, PointNotRetained
 from journal.errors import NoSuchVolume
+from tests.tmpfs import mounted_tmpfs
 
 MS = 1_000_000
 SMALL = JournalOptions(segment_size=32 * 1024, chunk_size=16 * 1024, pack_target=64 * 1024)
@@ -178,20 +177,9 @@ def test_index_deleted_is_rebuilt_identically(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root to mount a tmpfs")
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True
-    )
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {r.stderr.decode().strip()}")
-    try:
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    with mounted_tmpfs(tmp_path / "tmpfs") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_size_cap_on_small_tmpfs_never_fails_an_append(small_tmpfs: Path) -> None:
