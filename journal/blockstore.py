@@ -343,6 +343,16 @@ class BlockStore:
                 for r in group:
                     out[r.block_id] = self.get(r)
                 continue
+            mapped = getattr(f, "mapped_read", None)
+            if mapped is not None:
+                for r in group:
+                    data = self._decode_entry(
+                        r.block_id,
+                        memoryview(mapped(ENTRY.size + r.length, r.pack_offset)),
+                        f"pack {pack} offset {r.pack_offset}",
+                    )
+                    out[r.block_id] = data if data is not None else self.get(r)
+                continue
             k = 0
             while k < len(group):
                 start = group[k].pack_offset

@@ -149,31 +149,42 @@ class VolumeMap:
         cs = self.chunk_size
         fills: list[tuple[int, int, BlockRef | File, int]] = []  # dst, length, source, src off
         for c in self.chunk_range(offset, len(out)):
-            need = [(max(offset, c * cs), min(end, (c + 1) * cs))]
+            # Still-unresolved ranges of this chunk, disjoint and sorted (two parallel lists
+            # so each older version finds the ranges it overlaps by bisection).
+            starts = [max(offset, c * cs)]
+            ends = [min(end, (c + 1) * cs)]
             lst = self.chunks.get(c)
             if lst:
                 j = bisect_right(lst, at_seq, key=_seq_key)
-                while j > 0 and need:
+                while j > 0 and starts:
                     j -= 1
                     e = lst[j]
                     es, ee = e.offset, e.offset + e.length
-                    rest = []
-                    for a, b in need:
-                        s, t = max(a, es), min(b, ee)
-                        if s >= t:
-                            rest.append((a, b))
-                            continue
+                    k = bisect_right(ends, es)
+                    if k == len(starts) or starts[k] >= ee:
+                        continue
+                    m = k
+                    keep_s: list[int] = []
+                    keep_e: list[int] = []
+                    while m < len(starts) and starts[m] < ee:
+                        a, b = starts[m], ends[m]
+                        s = a if a > es else es
+                        t = b if b < ee else ee
                         if e.src is not None:
                             _plan(fills, s - offset, e, s, t)
                         if a < s:
-                            rest.append((a, s))
+                            keep_s.append(a)
+                            keep_e.append(s)
                         if t < b:
-                            rest.append((t, b))
-                    need = rest
-            if need:
+                            keep_s.append(t)
+                            keep_e.append(b)
+                        m += 1
+                    starts[k:m] = keep_s
+                    ends[k:m] = keep_e
+            if starts:
                 ref = self.base.get(c)
                 if ref is not None:
-                    for a, b in need:
+                    for a, b in zip(starts, ends, strict=True):
                         fills.append((a - offset, b - a, ref, a - c * cs))
         blocks = cache.get_many([f[2] for f in fills if isinstance(f[2], BlockRef)])
         for dst, n, src, soff in fills:
