@@ -504,6 +504,11 @@ class Journal:
         return self.last_ts, wall  # the clock stepped back: keep order, record the wall time
 
     @property
+    def unsealed_segments(self) -> int:
+        """Rolled segments whose data is still inline (the background stage's backlog)."""
+        return len(self._unsealed)
+
+    @property
     def healthy(self) -> bool:
         """False once closed or stopped by a storage error (then reopen it)."""
         return not self._closed and self._failed is None

@@ -31,6 +31,7 @@ from journal.clock import Clock
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+SEAL_BACKLOG = 4  # rolled segments left hot while guests write (see Daemon._sealer)
 
 
 @dataclass(slots=True)
@@ -212,8 +213,23 @@ class Daemon:
 
     # ------------------------------------------------------------------ jobs
     async def _sealer(self, g: Group, stop: asyncio.Event) -> None:
-        """Move data of rolled segments into the block store, off the write path."""
+        """Move data of rolled segments into the block store, off the write path.
+
+        Production first: hashing and compressing compete with the guest for the CPU (and
+        the GIL), so while guests are writing the sealer waits until SEAL_BACKLOG segments
+        are pending; it catches up as soon as they pause. Hot segments are complete and
+        durable, so waiting only costs disk space, bounded by the backlog.
+        """
+        writes = self._guest_writes(g)
         while not stop.is_set():
+            backlog = g.journal.unsealed_segments
+            now = self._guest_writes(g)
+            busy, writes = now != writes, now
+            if backlog and busy and backlog < SEAL_BACKLOG:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await stop.wait()
+                continue
             try:
                 n = await asyncio.to_thread(g.journal.seal_pending, 1)
                 g.last_sealer_error = None
@@ -227,6 +243,11 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await _first(stop.wait(), g.sealer_wakeup.wait())
+
+    def _guest_writes(self, g: Group) -> int:
+        return sum(
+            v.export.stats.writes for v in self.volumes.values() if v.group is g and v.export
+        )
 
     async def _retention(self, g: Group, stop: asyncio.Event) -> None:
         ret = self.config.retention
