@@ -389,8 +389,11 @@ class Daemon:
             try:
                 if not g.journal.healthy:
                     await asyncio.to_thread(self._reopen, g)
-                for ex in broken:
-                    ex.repair(g.journal)  # on the loop thread: no guest write interleaves
+                for ex in broken:  # on the loop thread, in steps: guest I/O goes on between
+                    done = ex.repair_step(g.journal)
+                    while done is None:
+                        await asyncio.sleep(0)  # yield to the guests' requests, then go on
+                        done = ex.repair_step(g.journal)
                 await asyncio.to_thread(g.journal.sync)
             except Exception as e:  # still failing (e.g. the disk is still full)
                 log.warning("protection still broken", extra={"group": g.name, "err": str(e)})

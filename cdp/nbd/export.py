@@ -17,6 +17,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import logging
 import os
 import time
@@ -158,13 +159,16 @@ class Export:
             extra={"volume": self.name, "err": reason},
         )
 
-    def repair(self, journal: Journal) -> int:
-        """Capture the chunks written while the journal failed; returns the seq it resumes at.
+    def repair_step(self, journal: Journal, max_chunks: int = 64) -> int | None:
+        """Capture up to ``max_chunks`` chunks written while the journal failed.
 
-        Called on the loop thread (no guest write can interleave) with a journal that works.
+        Runs on the loop thread, so no guest write falls between reading a chunk and
+        journaling it; the caller yields between steps, so a large backlog never stalls
+        guest I/O. Guest writes meanwhile keep marking chunks dirty. When none are left,
+        the gap is closed and the seq protection resumes at is returned (else None).
         """
         cs = self.chunk_size
-        for c in sorted(self.dirty):
+        for c in list(itertools.islice(self.dirty, max_chunks)):
             off = c * cs
             n = min(cs, self.size - off)
             data = os.pread(self.fd, n, off)
@@ -172,8 +176,10 @@ class Export:
                 journal.zero(self.name, off, n)
             else:
                 journal.write(self.name, off, data)
-        seq = journal.checkpoint(f"protection-resumed:{self.name}", CheckpointKind.CRASH)
-        self.dirty.clear()
+            self.dirty.discard(c)  # only once it is in the journal
+        if self.dirty:
+            return None
+        seq = int(journal.checkpoint(f"protection-resumed:{self.name}", CheckpointKind.CRASH))
         gap = self.gaps[-1]
         gap.ended_ns, gap.resumed_seq = time.time_ns(), seq
         log.warning(
