@@ -409,10 +409,6 @@ class BlockStore:
             raise BlockCorrupt(BlockId(bid), where, "decompressed length mismatch")
         return bytes(out)
 
-    def verify(self, ref_id: bytes, data: bytes) -> bool:
-        """Full content-address check, for scrubs; reads use the cheap entry checksum."""
-        return block_id(data) == ref_id
-
     # -- garbage collection ---------------------------------------------------------------
     def collect(self, live: set[bytes], *, repack_below: float = 0.5) -> tuple[int, int]:
         """Reclaim the space of blocks nobody references.

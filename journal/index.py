@@ -146,26 +146,10 @@ class Index:
                 self.db.execute("DELETE FROM segments WHERE segment_no=?", [no])
             self.db.execute("COMMIT")
 
-    def put_checkpoint(self, seq: int, ts: int, name: str, kind: str) -> None:
-        with self._lock:
-            self.db.execute(
-                "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?)", [seq, ts, name, kind]
-            )
-
     def checkpoints(self) -> list[tuple[int, int, str, str]]:
         with self._lock:
             rows = self.db.execute("SELECT * FROM checkpoints ORDER BY seq").fetchall()
         return [(int(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in rows]
-
-    def segment_for_time(self, t_ns: int) -> int | None:
-        """The newest indexed segment whose first record is at or before t."""
-        with self._lock:
-            row = self.db.execute(
-                "SELECT segment_no FROM segments WHERE first_ts <= ? ORDER BY segment_no DESC"
-                " LIMIT 1",
-                [t_ns],
-            ).fetchone()
-        return None if row is None else int(row[0])
 
     # -- blocks --------------------------------------------------------------------------
     def lookup_blocks(self, ids: list[bytes]) -> dict[bytes, BlockLocation]:

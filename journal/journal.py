@@ -780,7 +780,8 @@ class Journal:
                 out, offset, at, cache or BlockCache(self.store.get, fetch_many=self.store.get_many)
             )
 
-    def volume_size(self, volume: str, at: int | None = None) -> int:
+    def volume_size(self, volume: str) -> int:
+        """The volume's current size (a resize is a volume record; history keeps old reads)."""
         return self._vol(volume).size
 
     def new_cache(self) -> BlockCache:
