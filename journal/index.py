@@ -146,11 +146,6 @@ class Index:
                 self.db.execute("DELETE FROM segments WHERE segment_no=?", [no])
             self.db.execute("COMMIT")
 
-    def checkpoints(self) -> list[tuple[int, int, str, str]]:
-        with self._lock:
-            rows = self.db.execute("SELECT * FROM checkpoints ORDER BY seq").fetchall()
-        return [(int(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in rows]
-
     # -- blocks --------------------------------------------------------------------------
     def lookup_blocks(self, ids: list[bytes]) -> dict[bytes, BlockLocation]:
         out: dict[bytes, BlockLocation] = {}
