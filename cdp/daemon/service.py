@@ -46,6 +46,7 @@ class Group:
     last_retention_error: str | None = None
     last_sealer_error: str | None = None
     reopens: int = 0
+    retired: list[Journal] = field(default_factory=list)  # replaced after a failure
 
 
 @dataclass(slots=True)
@@ -204,8 +205,16 @@ class Daemon:
             self._close_journals()
             raise
 
+    @staticmethod
+    def _close_retired(g: Group) -> None:
+        for old in g.retired:
+            with contextlib.suppress(Exception):  # it failed already; only free its files
+                old.close()
+        g.retired.clear()
+
     def _close_journals(self) -> None:
         for g in self.groups.values():
+            self._close_retired(g)
             try:
                 g.journal.close()
             except Exception:
@@ -379,6 +388,8 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await stop.wait()
+            if g.retired:
+                await asyncio.to_thread(self._close_retired, g)
             broken = [
                 v.export
                 for v in self.volumes.values()
@@ -404,11 +415,12 @@ class Daemon:
         If the open fails, the failed journal stays in place (still readable for status)
         and the next repair round tries again.
         """
-        old = g.journal
         new = Journal.open(g.path, clock=self.clock, options=self.journal_options)
+        self._close_retired(g)
+        # The failed journal is closed one repair round later, not now: a status or API
+        # call in another thread may still hold it for a moment.
+        g.retired.append(g.journal)
         g.journal = new
-        with contextlib.suppress(Exception):
-            old.close()
         g.reopens += 1
         log.warning(
             "journal reopened after a failure",
