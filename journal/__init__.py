@@ -7,31 +7,41 @@ from .clock import Clock, ManualClock, wall_clock
 from .errors import (
     BlockCorrupt,
     BlockMissing,
+    BlocksNeeded,
     JournalClosed,
     JournalError,
     NoSuchVolume,
+    OutOfOrder,
     PointNotRetained,
     SegmentCorrupt,
     StorageError,
 )
-from .journal import Journal, JournalOptions, JournalStatus
+from .journal import Journal, JournalOptions, JournalStatus, TailCursor
 from .storage import OsStorage, Storage
 from .types import (
+    BlockRef,
     Checkpoint,
     CheckpointKind,
+    CheckpointRecord,
     FoldReport,
     Hold,
     Record,
     RecoveryReport,
     Seq,
+    VolumeRecord,
     Window,
+    WriteRecord,
+    ZeroRecord,
 )
 
 __all__ = [
     "BlockCorrupt",
     "BlockMissing",
+    "BlockRef",
+    "BlocksNeeded",
     "Checkpoint",
     "CheckpointKind",
+    "CheckpointRecord",
     "Clock",
     "FoldReport",
     "Hold",
@@ -43,6 +53,7 @@ __all__ = [
     "ManualClock",
     "NoSuchVolume",
     "OsStorage",
+    "OutOfOrder",
     "PointNotRetained",
     "Record",
     "RecoveryReport",
@@ -50,6 +61,10 @@ __all__ = [
     "Seq",
     "Storage",
     "StorageError",
+    "TailCursor",
+    "VolumeRecord",
     "Window",
+    "WriteRecord",
+    "ZeroRecord",
     "wall_clock",
 ]

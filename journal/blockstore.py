@@ -306,6 +306,19 @@ class BlockStore:
             self._pending.clear()
             self._pending_sizes.clear()
 
+    def locate_many(self, ids: Sequence[bytes]) -> dict[bytes, tuple[int, int]]:
+        """(pack, offset) of each id the store holds, indexed or written since the last flush.
+
+        The replication receiver asks this before accepting a batch that references blocks
+        it did not carry: what is missing must be sent, never assumed.
+        """
+        with self._lock:
+            out = {b: (p[0], p[1]) for b in ids if (p := self._pending.get(b)) is not None}
+            rest = [b for b in ids if b not in out]
+        for b, loc in self.index.lookup_blocks(rest).items():
+            out[b] = (loc.pack, loc.offset)
+        return out
+
     # -- reading ------------------------------------------------------------------------
     def get(self, ref: BlockRef) -> bytes:
         """The block's bytes, checked against the entry checksum; hint first, index second."""

@@ -10,6 +10,8 @@ Tree::
      ├── PointNotRetained    a seq or time outside the retained journal window
      ├── NoSuchVolume        a volume the journal has never seen
      ├── JournalClosed       use after close()
+     ├── OutOfOrder          replicated records that do not start at the next seq
+     ├── BlocksNeeded        replicated records naming blocks neither sent nor stored
      └── StorageError        the OS refused a write/fsync (EIO, ENOSPC): fail-stop, never retried
 
 Integrity errors (SegmentCorrupt, BlockCorrupt) are deliberately not subclasses of the
@@ -103,3 +105,22 @@ class StorageError(JournalError):
         self.op = op
         self.path = path
         self.errno = err.errno
+
+
+class OutOfOrder(JournalError):
+    """Replicated records do not start at the journal's next seq (a gap or an overlap)."""
+
+    def __init__(self, first_seq: int, expected: int) -> None:
+        super().__init__(f"records start at seq {first_seq}, expected {expected}")
+        self.first_seq = first_seq
+        self.expected = expected
+
+
+class BlocksNeeded(JournalError):
+    """Replicated records reference blocks this store does not hold and the batch lacks."""
+
+    def __init__(self, block_ids: list[bytes]) -> None:
+        super().__init__(
+            f"{len(block_ids)} referenced blocks are neither in the batch nor in the store"
+        )
+        self.block_ids = block_ids

@@ -20,17 +20,19 @@ import uuid as uuidlib
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import codec
-from .blockstore import BlockStore
+from .blockstore import MAX_BLOCK, BlockStore, block_id
 from .clock import Clock, wall_clock
 from .errors import (
+    BlocksNeeded,
     JournalClosed,
     JournalError,
     NoSuchVolume,
+    OutOfOrder,
     PointNotRetained,
     SegmentCorrupt,
     SegmentHeaderTorn,
@@ -38,12 +40,18 @@ from .errors import (
 )
 from .index import Index, SegmentEntry
 from .segment import (
+    FLAG_META,
+    FRAME_SIZE,
+    HEADER_SIZE,
     MAX_SEGMENT,
     ScanResult,
     SegmentHeader,
     SegmentWriter,
+    decode_header,
     durable_note,
+    read_frames,
     scan,
+    segment_seed,
     write_frames,
 )
 from .storage import File, OsStorage, Storage, write_atomic
@@ -92,6 +100,17 @@ class _Seg:
     file: File | None = None
     inline: list[Extent] = field(default_factory=list)
     checkpoints: list[tuple[int, int, str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class TailCursor:
+    """Where ``Journal.read_durable`` stopped: the frame of ``next_seq`` in a segment."""
+
+    next_seq: int
+    segment_no: int
+    sealed: bool
+    offset: int
+    prev_checksum: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -831,6 +850,306 @@ class Journal:
                 rec = codec_decode(fr.payload, name, fr.offset)
                 if start <= rec.seq < limit:
                     yield rec
+
+    # ------------------------------------------------------------------ replication
+    def read_durable(
+        self,
+        start: int,
+        *,
+        max_bytes: int = 8 << 20,
+        max_records: int = 20_000,
+        cursor: TailCursor | None = None,
+    ) -> tuple[list[Record], TailCursor | None]:
+        """Records from seq ``start`` on that are on stable storage, for a replica sender.
+
+        Only durable records are shipped: a replica holding a record the primary could still
+        lose to a power cut would diverge from it. The call syncs (sharing the fsync with
+        capture's group commit) and reads up to what was appended before it. Pass back the
+        returned cursor to continue where the last call ended without rescanning a segment.
+        Write records carry their data inline (hot) or as block refs (sealed).
+        Raises PointNotRetained when ``start`` was folded away (the replica must resync).
+        """
+        self._check_open()
+        no_t, size_t, w_t = self._tail
+        self.sync()
+        out: list[Record] = []
+        nbytes = 0
+        while len(out) < max_records and nbytes < max_bytes:
+            with self._append_lock:
+                if start <= self.base_seq:
+                    w = self.window()
+                    raise PointNotRetained(
+                        f"seq {start}", w.first_seq, w.last_seq, w.first_ts, w.last_ts
+                    )
+                seg = next((s for s in self.segs if s.first_seq <= start <= s.last_seq), None)
+                if seg is None:
+                    break
+                no, sealed, last_seq = seg.no, seg.sealed, seg.last_seq
+            limit = size_t if (w_t is not None and no == no_t) else None
+            recs, cursor = self._read_segment(
+                no, sealed, start, limit, max_bytes - nbytes, max_records - len(out), cursor
+            )
+            if not recs:
+                break
+            for r in recs:
+                nbytes += (r.length if isinstance(r, WriteRecord) else 0) + 64
+            out += recs
+            start = recs[-1].seq + 1
+            if start <= last_seq and limit is not None:
+                continue  # more of the tail segment, still within what was durable
+        return out, cursor
+
+    def _read_segment(
+        self,
+        no: int,
+        sealed: bool,
+        start: int,
+        limit: int | None,
+        max_bytes: int,
+        max_records: int,
+        cursor: TailCursor | None,
+    ) -> tuple[list[Record], TailCursor | None]:
+        """Records >= start of one segment; from the cursor's offset when it is still valid."""
+        path = self._seg_path(no, sealed)
+        try:
+            f = self.storage.open(path)
+        except FileNotFoundError:
+            if sealed:
+                raise
+            path = self._seg_path(no, True)  # sealed meanwhile: offsets changed, full scan
+            f = self.storage.open(path)
+            sealed, limit = True, None
+        name = os.path.relpath(path, self.path)
+        recs: list[Record] = []
+        try:
+            end = f.size() if limit is None else min(limit, f.size())
+            seed = segment_seed(self.uuid, no)
+            if (
+                cursor is not None
+                and cursor.segment_no == no
+                and cursor.sealed == sealed
+                and cursor.next_seq == start
+            ):
+                pos, prev = cursor.offset, cursor.prev_checksum
+            else:
+                hdr = decode_header(f.pread(HEADER_SIZE, 0), name)
+                pos, prev = HEADER_SIZE, hdr.checksum
+            step = max(max_bytes, 1 << 20) + (1 << 20)
+            while not recs and pos < end:
+                want = min(end - pos, step)
+                buf = f.pread(want, pos)
+                frames = read_frames(buf, pos, seed, prev, name)
+                if not frames:  # one frame larger than the window: read it whole
+                    if len(buf) < FRAME_SIZE:
+                        break
+                    length = int.from_bytes(buf[0:4], "little") & ~FLAG_META
+                    buf = f.pread(min(end - pos, FRAME_SIZE + length), pos)
+                    frames = read_frames(buf, pos, seed, prev, name)
+                    if not frames:
+                        break
+                for off, payload, meta, csum in frames:
+                    if len(recs) >= max_records:
+                        break
+                    if not meta:
+                        rec = codec_decode(payload, name, off)
+                        if rec.seq >= start:
+                            recs.append(rec)
+                    pos, prev = off + FRAME_SIZE + len(payload), csum
+        finally:
+            f.close()
+        nxt = recs[-1].seq + 1 if recs else start
+        return recs, TailCursor(nxt, no, sealed, pos, prev)
+
+    def ts_of(self, seq: int) -> int:
+        """The journal time of a retained seq (of the base, for the window's first seq)."""
+        with self._append_lock:
+            if seq == self.base_seq:
+                return self.base_ts
+            i = seq - self.base_seq - 1
+            if 0 <= i < len(self._ts):
+                return int(self._ts[i])
+        w = self.window()
+        raise PointNotRetained(f"seq {seq}", w.first_seq, w.last_seq, w.first_ts, w.last_ts)
+
+    def bytes_after(self, seq: int) -> int:
+        """About how many segment bytes hold records after ``seq`` (a replica's backlog)."""
+        total = 0
+        with self._append_lock:
+            for s in self.segs:
+                if s.first_seq > seq:
+                    total += s.size
+                elif s.last_seq > seq and s.records:
+                    total += s.size * (s.last_seq - seq) // max(1, s.records)
+        return total
+
+    def base_state(self) -> tuple[Seq, int, dict[str, tuple[int, dict[int, BlockRef]]]]:
+        """The folded base: its seq, time and each volume's size and chunk -> block map."""
+        with self._map_lock:
+            return (
+                Seq(self.base_seq),
+                self.base_ts,
+                {n: (vm.size, dict(vm.base)) for n, vm in self.volumes.items()},
+            )
+
+    def locate_blocks(self, ids: Sequence[bytes]) -> set[bytes]:
+        """Which of ``ids`` this journal's block store holds (for dedup negotiation)."""
+        return set(self.store.locate_many(list(ids)))
+
+    def get_blocks(self, refs: Sequence[BlockRef]) -> dict[bytes, bytes]:
+        return self.store.get_many(list(refs))
+
+    def append_replicated(
+        self, recs: Sequence[Record], blocks: Mapping[bytes, bytes | memoryview]
+    ) -> Seq:
+        """Append records made by another journal (the primary), keeping their seq and ts.
+
+        Writes carry block refs (id, length) only, split at this journal's chunk bounds; the
+        data of each is in ``blocks`` or already in this store (BlocksNeeded otherwise).
+        Every record is checked before anything is written, so a refused batch changes
+        nothing: OutOfOrder for a seq that is not next, ValueError for anything malformed
+        (unknown volume, range outside it, journal time running backwards, a block whose
+        bytes do not hash to its id). Returns the last seq; durable after ``sync()``.
+        """
+        if not recs:
+            return Seq(self.next_seq - 1)
+        cs = self.opts.chunk_size
+        with self._maint_lock:  # retention cannot collect a block between check and append
+            with self._append_lock:
+                self._check_open()
+                expected, last_ts = self.next_seq, self.last_ts
+                sizes = {n: v.size for n, v in self.volumes.items()}
+            needed: dict[bytes, int] = {}
+            for k, rec in enumerate(recs):
+                if rec.seq != expected + k:
+                    if k == 0:
+                        raise OutOfOrder(rec.seq, expected)
+                    raise ValueError(f"record {k} has seq {rec.seq}, expected {expected + k}")
+                if rec.ts < last_ts:
+                    raise ValueError(f"seq {rec.seq}: journal time runs backwards")
+                last_ts = rec.ts
+                if isinstance(rec, VolumeRecord):
+                    if not rec.volume or len(rec.volume.encode()) > 255 or rec.size <= 0:
+                        raise ValueError(f"seq {rec.seq}: bad volume record")
+                    sizes[rec.volume] = rec.size
+                elif isinstance(rec, CheckpointRecord):
+                    if not rec.name or len(rec.name) > 200:
+                        raise ValueError(f"seq {rec.seq}: bad checkpoint name")
+                else:
+                    size = sizes.get(rec.volume)
+                    if size is None:
+                        raise ValueError(f"seq {rec.seq}: unknown volume {rec.volume!r}")
+                    if rec.length <= 0 or rec.offset < 0 or rec.offset + rec.length > size:
+                        raise ValueError(f"seq {rec.seq}: range outside volume {rec.volume!r}")
+                    if isinstance(rec, WriteRecord):
+                        if rec.data is not None:
+                            raise ValueError(f"seq {rec.seq}: replicated writes carry refs")
+                        pos, end = rec.offset, rec.offset + rec.length
+                        for r in rec.refs:
+                            piece = min((pos // cs + 1) * cs, end) - pos
+                            if r.length != piece or len(r.block_id) != 32:
+                                raise ValueError(
+                                    f"seq {rec.seq}: block refs not split at {cs}-byte chunks"
+                                )
+                            needed.setdefault(r.block_id, r.length)
+                            pos += piece
+                        if pos != end:
+                            raise ValueError(f"seq {rec.seq}: block refs do not cover the write")
+            for b, data in blocks.items():
+                if len(data) > MAX_BLOCK:
+                    raise ValueError("a block exceeds the size limit")
+                if block_id(data) != b:
+                    raise ValueError(f"block {b.hex()[:16]}: data does not match its id")
+            have = self.store.locate_many(list(needed))
+            missing = [b for b in needed if b not in have and b not in blocks]
+            if missing:
+                raise BlocksNeeded(missing)
+            new = [b for b in needed if b not in have]
+            for b in new:
+                if len(blocks[b]) != needed[b]:
+                    raise ValueError(f"block {b.hex()[:16]}: length does not match its refs")
+            try:
+                if new:
+                    for ref in self.store.put_many([blocks[b] for b in new]):
+                        have[ref.block_id] = (ref.pack, ref.pack_offset)
+                self.store.flush()  # blocks durable before any record names them
+            except OSError as e:
+                self._failed = StorageError("replicate into", self.store.folder, e)
+                raise self._failed from e
+            with self._append_lock:
+                self._check_open()
+                if self.next_seq != expected:
+                    raise OutOfOrder(recs[0].seq, self.next_seq)
+                for rec in recs:
+                    if isinstance(rec, WriteRecord):
+                        rec = WriteRecord(
+                            rec.seq,
+                            rec.ts,
+                            rec.volume,
+                            rec.offset,
+                            rec.length,
+                            None,
+                            tuple(
+                                BlockRef(r.block_id, r.length, *have[r.block_id]) for r in rec.refs
+                            ),
+                            rec.wall,
+                        )
+                    self._append_one(rec, [codec.encode(rec)])
+                return Seq(self.next_seq - 1)
+
+    def install_base(
+        self, seq: int, ts: int, volumes: Mapping[str, tuple[int, Mapping[int, bytes]]]
+    ) -> None:
+        """Start an empty journal at ``seq``: each volume's content there, chunk -> block id.
+
+        For a replica whose primary already folded its oldest history: the DR site starts
+        from the primary's base instead of seq 1. Every block must already be in the store.
+        """
+        cs = self.opts.chunk_size
+        with self._maint_lock, self._append_lock:
+            self._check_open()
+            if self.next_seq != 1 or self.segs or self.volumes or self.base_seq:
+                raise ValueError("install_base needs an empty journal")
+            if seq < 1:
+                raise ValueError("base seq must be positive")
+            ids = [b for _, chunks in volumes.values() for b in chunks.values()]
+            have = self.store.locate_many(ids)
+            missing = [b for b in ids if b not in have]
+            if missing:
+                raise BlocksNeeded(missing)
+            maps: dict[str, VolumeMap] = {}
+            for name, (size, chunks) in volumes.items():
+                if not name or len(name.encode()) > 255 or size <= 0:
+                    raise ValueError(f"bad base volume {name!r}")
+                vm = VolumeMap(name, size, cs)
+                for c, b in chunks.items():
+                    n = min(cs, size - c * cs)
+                    if c < 0 or n <= 0:
+                        raise ValueError(f"base chunk {c} outside volume {name!r}")
+                    vm.base[c] = BlockRef(BlockId(b), n, *have[b])
+                maps[name] = vm
+            write_atomic(
+                self.storage,
+                os.path.join(self.path, "base.manifest"),
+                codec.pack_obj(
+                    {
+                        "seq": seq,
+                        "ts": ts,
+                        "volumes": {
+                            name: {
+                                "size": vm.size,
+                                "chunks": {
+                                    c: [r.block_id, r.length, r.pack, r.pack_offset]
+                                    for c, r in vm.base.items()
+                                },
+                            }
+                            for name, vm in maps.items()
+                        },
+                    }
+                ),
+            )
+            self.volumes = maps
+            self.base_seq, self.base_ts, self.last_ts = seq, ts, ts
+            self.next_seq = seq + 1
 
     # ------------------------------------------------------------------ sealing
     def seal_pending(self, max_segments: int = 1) -> int:

@@ -158,6 +158,39 @@ def scan(
     return ScanResult(header, frames, pos, prev, synced_claim, None, None, _durable_claim(frames))
 
 
+def read_frames(
+    buf: bytes, base: int, seed: int, prev: int, name: str
+) -> list[tuple[int, memoryview, bool, int]]:
+    """Complete frames of ``buf`` (file bytes from offset ``base``), chained from ``prev``.
+
+    For reading durable records back (a replica sender): the bytes are known complete up to
+    a frame boundary, so a frame cut off by the end of ``buf`` just ends the read, while a
+    checksum or chain failure is corruption. Returns (offset, payload, meta, checksum).
+    """
+    view = memoryview(buf)
+    out: list[tuple[int, memoryview, bool, int]] = []
+    pos, size = 0, len(buf)
+    while size - pos >= FRAME_SIZE:
+        raw_len, _, prev_csum, csum = FRAME.unpack_from(view, pos)
+        length = raw_len & ~FLAG_META
+        if pos + FRAME_SIZE + length > size and 0 < length <= MAX_FRAME:
+            break
+        payload = view[pos + FRAME_SIZE : pos + FRAME_SIZE + length]
+        off = base + pos
+        if (
+            length == 0
+            or length > MAX_FRAME
+            or frame_checksum(seed, off, bytes(view[pos : pos + 16]), (payload,)) != csum
+        ):
+            raise SegmentCorrupt(name, off, "frame checksum mismatch")
+        if prev_csum != prev:
+            raise SegmentCorrupt(name, off, "frame does not chain to the previous one")
+        out.append((off, payload, bool(raw_len & FLAG_META), csum))
+        prev = csum
+        pos += FRAME_SIZE + length
+    return out
+
+
 def durable_note(segment_no: int) -> bytes:
     """Payload of the note "every segment up to ``segment_no`` is durable"."""
     return b"D" + segment_no.to_bytes(8, "little")
