@@ -58,7 +58,7 @@ class Target:
     bandwidth: int | None = None
     codec: int = wire.CODEC_ZSTD
     level: int = 3
-    coalesce: bool = False
+    coalesce_ns: int = 0
     high_water: int | None = None
     max_batch_bytes: int = 8 << 20
     max_batch_records: int = 20_000
@@ -231,6 +231,7 @@ class Sender:
         cursor = None
         while not stop.is_set():
             j = self.journal()
+            before = cursor
             recs, cursor = await asyncio.to_thread(
                 j.read_durable,
                 self.acked_seq + 1,
