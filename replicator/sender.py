@@ -254,13 +254,18 @@ class Sender:
                 await _wait(stop, self.target.idle_poll_s)
                 continue
             self.state = "streaming"
-            if self.target.coalesce:
+            coalesce = self.target.coalesce_ns > 0
+            if coalesce:
                 n = split_at_checkpoints(recs)
+                young = self.clock() - recs[0].ts < self.target.coalesce_ns
+                full = len(recs) >= self.target.max_batch_records
+                if n == len(recs) and young and not full:
+                    cursor = before  # let the window fill: read the same records again
+                    await _wait(stop, min(0.1, self.target.coalesce_ns / 1e9))
+                    continue
                 if n < len(recs):
                     recs, cursor = recs[:n], None
-            p = await asyncio.to_thread(
-                prepare, recs, j.opts.chunk_size, coalesce=self.target.coalesce
-            )
+            p = await asyncio.to_thread(prepare, recs, j.opts.chunk_size, coalesce=coalesce)
             await self._ship(http, j, p)
             await asyncio.to_thread(self._save_hold)
 
