@@ -190,8 +190,10 @@ class RetentionConfig:
 class ReplicaConfig:
     """One ``[[replica]]``: a DR-site receiver every group is shipped to.
 
-    ``bandwidth_bps`` None means unlimited. ``coalesce_ns`` is how long the sender may wait to
-    batch writes before shipping (0: ship as soon as the previous batch is acknowledged).
+    ``bandwidth_bps`` None means unlimited. ``coalesce_ns`` > 0 lets the sender wait that long
+    to fill a batch and ship only the last version of a block rewritten within it (coarser DR
+    history, fewer bytes); 0 (default) ships every write. ``high_water_bytes``: pending bytes
+    above it raise an alert (data is never dropped).
     """
 
     name: str
@@ -202,7 +204,9 @@ class ReplicaConfig:
     tls_key: Path | None = None
     bandwidth_bps: int | None = None
     compression: Compression = "zstd"
+    compression_level: int = 3
     coalesce_ns: int = 0
+    high_water_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,7 +540,9 @@ class _Parser:
             tls_key=tls["tls_key"],
             bandwidth_bps=t.get("bandwidth", _rate),
             compression=cast(Compression, t.get_or("compression", _choice("zstd", "none"), "zstd")),
+            compression_level=t.get_or("compression_level", _zstd_level, 3),
             coalesce_ns=t.get_or("coalesce", _duration, 0),
+            high_water_bytes=t.get("high_water", _positive_size),
         )
         t.finish()
         return result
@@ -686,6 +692,12 @@ def _positive_size(value: object) -> int:
     if size == 0:
         raise ValueError('expected a size like "50GiB": must be positive')
     return size
+
+
+def _zstd_level(value: object) -> int:
+    if type(value) is not int or not 1 <= value <= 19:
+        raise ValueError("expected a zstd level, an integer from 1 to 19")
+    return value
 
 
 def _duration(value: object) -> int:

@@ -119,10 +119,15 @@ def api_client(config: Config) -> ApiClient:
 def volumes_for(config: Config, volume: str | None, group: str | None) -> tuple[VolumeConfig, ...]:
     """The volumes a ``VOLUME|--group G`` argument names, checked against the config.
 
+    A DR-site config (``[receiver]``, no volumes) names no volumes: the replicas there are
+    whatever the primaries ship, so the receiver's API checks the name (404, exit 1).
+
     Raises:
         UsageError: the volume or group is not in the config (the message lists those that
             are, so a typo is easy to spot).
     """
+    if config.receiver is not None and not config.volumes:
+        return ()
     if volume is not None:
         found = config.volume(volume)
         if found is None:

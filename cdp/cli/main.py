@@ -22,6 +22,7 @@ from cdp.cli import (
     configcheck_cmd,
     daemon_cmd,
     journal_cmd,
+    replica_cmd,
     restore_cmd,
     status_cmd,
 )
@@ -56,6 +57,7 @@ EXIT_CODES: Final[Mapping[type[BaseException], int]] = MappingProxyType(
 # Verbs in the order `cdp --help` lists them.
 _VERBS: Final = (
     daemon_cmd,
+    replica_cmd,
     status_cmd,
     checkpoint_cmd,
     restore_cmd,

@@ -15,14 +15,14 @@ from typing import Any
 
 from aiohttp import ClientConnectionResetError, web
 
-from cdp.daemon.service import Daemon, Group
+from cdp.daemon.site import Site, SiteGroup
 from cdp.sockpath import prepare_socket_path, remove_socket
 from cdp.units import Address
 from journal import CheckpointKind, JournalError, PointNotRetained
 
 log = logging.getLogger(__name__)
 
-DAEMON_KEY = web.AppKey("daemon", Daemon)
+DAEMON_KEY = web.AppKey("daemon", Site)
 STREAM_CHUNK = 1 << 20
 # Name prefix of the export holds image downloads take; holds are saved with the journal,
 # so a daemon killed mid-download leaves one behind, which ApiServer.start releases.
@@ -92,7 +92,7 @@ def _str(doc: dict[str, Any], key: str, *, required: bool = True) -> str | None:
     return v
 
 
-def _target(d: Daemon, doc: dict[str, Any]) -> Group:
+def _target(d: Site, doc: dict[str, Any]) -> SiteGroup:
     vol, grp = doc.get("volume"), doc.get("group")
     if (vol is None) == (grp is None):
         raise ApiError(400, "name exactly one of volume or group")
@@ -109,7 +109,7 @@ def _target(d: Daemon, doc: dict[str, Any]) -> Group:
     return d.groups[name]
 
 
-def resolve_when(g: Group, when: object) -> int:
+def resolve_when(g: SiteGroup, when: object) -> int:
     """Map a ``when`` object (docs/design/api.md) to a seq of the group's journal."""
     if not isinstance(when, dict):
         raise ApiError(400, "when: expected an object with a kind")
@@ -160,6 +160,12 @@ async def checkpoint(request: web.Request) -> web.Response:
     d = request.app[DAEMON_KEY]
     doc = await _body(request)
     g = _target(d, doc)
+    if d.read_only:
+        raise ApiError(
+            409,
+            "this is a DR site: its journals are written by replication only",
+            hint="take the checkpoint on the primary; it replicates here",
+        )
     name = _str(doc, "name", required=False) or f"cp-{d.clock() // 10**9}"
     if len(name) > 200:
         raise ApiError(400, "name: at most 200 characters")
@@ -203,13 +209,8 @@ async def resolve(request: web.Request) -> web.Response:
     )
 
 
-def _ts_of(g: Group, seq: int) -> int:
-    w = g.journal.window()
-    if seq == w.first_seq:
-        return w.first_ts
-    for rec in g.journal.records(seq):
-        return rec.ts
-    return w.last_ts
+def _ts_of(g: SiteGroup, seq: int) -> int:
+    return g.journal.ts_of(seq)
 
 
 async def image(request: web.Request) -> web.StreamResponse:
@@ -259,7 +260,7 @@ async def rebuild_index(request: web.Request) -> web.Response:
     )
 
 
-def make_app(daemon: Daemon) -> web.Application:
+def make_app(daemon: Site) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
     app[DAEMON_KEY] = daemon
     app.router.add_get("/v1/status", status)
@@ -270,7 +271,7 @@ def make_app(daemon: Daemon) -> web.Application:
     return app
 
 
-def release_stale_image_holds(daemon: Daemon) -> None:
+def release_stale_image_holds(daemon: Site) -> None:
     """Drop image-download holds left by an earlier process: no download outlives its daemon.
 
     Otherwise such a hold pins history for good: retention never folds past a hold, and the
@@ -284,7 +285,7 @@ def release_stale_image_holds(daemon: Daemon) -> None:
 
 
 class ApiServer:
-    def __init__(self, daemon: Daemon, address: Address) -> None:
+    def __init__(self, daemon: Site, address: Address) -> None:
         self.address = address
         self.daemon = daemon
         self.runner = web.AppRunner(make_app(daemon), access_log=None)

@@ -23,10 +23,12 @@ from pathlib import Path
 from cdp.capture.hashscan import HashScanner
 from cdp.capture.splitter import CleanMarker, onboard_export
 from cdp.config import Config, NbdSource, NbdTlsMode, ScanSource, VolumeConfig
+from cdp.daemon.replication import make_senders, make_targets, replica_alerts
 from cdp.nbd.export import Export, ExportSet
 from cdp.nbd.server import NbdServer, server_tls_context
 from journal import CheckpointKind, Journal, JournalOptions, wall_clock
 from journal.clock import Clock
+from replicator.sender import Sender
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class Daemon:
         self.ready = asyncio.Event()
         self._stop_threads = threading.Event()
         self.nbd_servers: list[NbdServer] = []
+        self.senders: dict[tuple[str, str], Sender] = {}
+        self.read_only = False
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -88,7 +92,11 @@ class Daemon:
         from cdp.daemon.api import ApiServer  # the API module imports this one
 
         self.started_ns = self.clock()
+        targets = make_targets(self.config)
         await asyncio.to_thread(self._open_journals)
+        self.senders = make_senders(
+            targets, {n: _journal_of(g) for n, g in self.groups.items()}, self.clock
+        )
         api = ApiServer(self, self.config.daemon.api)
         try:
             await self._start_exports()
@@ -101,6 +109,8 @@ class Daemon:
                         tg.create_task(self._repair(g, stop), name=f"repair:{g.name}")
                     for v in self.volumes.values():
                         tg.create_task(self._capture(v, stop), name=f"capture:{v.config.name}")
+                    for (gname, rname), snd in self.senders.items():
+                        tg.create_task(snd.run(stop), name=f"replicate:{gname}:{rname}")
                     self.ready.set()
                     log.info(
                         "daemon ready",
@@ -481,6 +491,9 @@ class Daemon:
                 galerts.append(f"retention failed: {g.last_retention_error}")
             alerts += [f"{g.name}: {a}" for a in galerts]
             lc = st.last_checkpoint
+            reps = [s.status() for (gn, _), s in self.senders.items() if gn == g.name]
+            for r in reps:
+                alerts += replica_alerts(g.name, r)
             groups.append(
                 {
                     "name": g.name,
@@ -500,6 +513,7 @@ class Daemon:
                     else {"seq": lc.seq, "ts_ns": lc.ts, "name": lc.name, "kind": str(lc.kind)},
                     "holds": [{"kind": h.kind, "name": h.name, "seq": h.seq} for h in st.holds],
                     "history_short": st.history_short,
+                    "replicas": reps,
                     "alerts": galerts,
                     "recovery": {
                         "truncated_segment": st.recovery.truncated_segment,

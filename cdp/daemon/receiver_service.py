@@ -1,0 +1,268 @@
+"""``cdp replica serve``: the DR-site service around ``replicator.receiver.Receiver``.
+
+It serves the replication endpoints on ``[receiver] listen`` (TLS when a certificate is
+configured) and the same control API as the primary on ``[receiver] api``, so ``cdp status``,
+``cdp restore`` and ``cdp journal rebuild-index`` work at the DR site with its own config.
+Background jobs per replica journal: sealing (data moves into the block store) and retention
+under the DR site's own ``[retention]``, independent of the primary's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from cdp.config import Config, ReceiverConfig
+from cdp.sockpath import prepare_socket_path, remove_socket
+from journal import JournalOptions, wall_clock
+from journal.clock import Clock
+from replicator.receiver import Receiver, ReplicaGroup, TokenFile
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaVolume:
+    name: str
+    group: ReplicaGroup
+
+
+def server_ssl(rc: ReceiverConfig) -> ssl.SSLContext | None:
+    if rc.tls_cert is None or rc.tls_key is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(rc.tls_cert), str(rc.tls_key))
+    return ctx
+
+
+class ReceiverService:
+    """The DR site: a Site (cdp.daemon.site) for the control API, plus the receiver."""
+
+    read_only = True
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock = wall_clock,
+        journal_options: JournalOptions | None = None,
+        retention_interval_s: float = 60.0,
+    ) -> None:
+        assert config.receiver is not None
+        self.config = config
+        self.rc = config.receiver
+        self._clock = clock
+        self.retention_interval_s = retention_interval_s
+        self.started_ns = 0
+        self.receiver = Receiver(
+            str(self.rc.state_dir),
+            TokenFile(str(self.rc.tokens_file)),
+            journal_options=journal_options,
+            clock=clock,
+        )
+        self.ready = asyncio.Event()
+
+    # -- Site --------------------------------------------------------------------------
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def groups(self) -> Mapping[str, ReplicaGroup]:
+        return self.receiver.groups
+
+    @property
+    def volumes(self) -> Mapping[str, ReplicaVolume]:
+        out: dict[str, ReplicaVolume] = {}
+        for g in self.receiver.groups.values():
+            for name in g.journal.status().volumes:
+                out[name] = ReplicaVolume(name, g)
+        return out
+
+    def status(self) -> dict[str, object]:
+        rs = self.receiver.status()
+        groups = []
+        alerts: list[str] = []
+        for g in self.receiver.groups.values():
+            st = g.journal.status()
+            w = st.window
+            galerts = list(st.alerts)
+            alerts += [f"{g.name}: {a}" for a in galerts]
+            lc = st.last_checkpoint
+            groups.append(
+                {
+                    "name": g.name,
+                    "volumes": sorted(st.volumes),
+                    "window": {
+                        "first_seq": w.first_seq,
+                        "last_seq": w.last_seq,
+                        "first_ts_ns": w.first_ts,
+                        "last_ts_ns": w.last_ts,
+                    },
+                    "journal_bytes": st.segment_bytes + st.pack_bytes,
+                    "segments": st.segments,
+                    "unsealed_segments": st.unsealed_segments,
+                    "index_bytes": st.index_bytes,
+                    "last_checkpoint": None
+                    if lc is None
+                    else {"seq": lc.seq, "ts_ns": lc.ts, "name": lc.name, "kind": str(lc.kind)},
+                    "holds": [{"kind": h.kind, "name": h.name, "seq": h.seq} for h in st.holds],
+                    "history_short": st.history_short,
+                    "alerts": galerts,
+                    "replica": {
+                        "primary_journal": g.meta.journal.hex() if g.meta else None,
+                        "epoch": g.meta.epoch if g.meta else 0,
+                        "batches": g.batches,
+                        "bytes_in": g.bytes_in,
+                        "last_batch_ns": g.last_batch_ns,
+                    },
+                    "recovery": {
+                        "truncated_segment": st.recovery.truncated_segment,
+                        "truncated_at": st.recovery.truncated_at,
+                        "truncated_bytes": st.recovery.truncated_bytes,
+                        "index_rebuilt": st.recovery.index_rebuilt,
+                        "last_seq": st.recovery.last_seq,
+                    },
+                }
+            )
+        volumes = [
+            {
+                "name": v.name,
+                "group": v.group.name,
+                "size": v.group.journal.volume_size(v.name),
+                "source": "replica",
+            }
+            for v in self.volumes.values()
+        ]
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "version": VERSION,
+                "started_ns": self.started_ns,
+                "role": "replica",
+            },
+            "receiver": {
+                "listen": str(self.rc.listen),
+                "tls": self.rc.tls_cert is not None,
+                "accepted_batches": rs["accepted_batches"],
+                "refused": rs["refused"],
+            },
+            "groups": groups,
+            "volumes": volumes,
+            "alerts": alerts,
+        }
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        from cdp.daemon.api import ApiServer
+
+        self.started_ns = self._clock()
+        await asyncio.to_thread(self.receiver.open)
+        runner = web.AppRunner(self.receiver.make_app(), access_log=None)
+        api = ApiServer(self, self.rc.api)
+        try:
+            await runner.setup()
+            await self._listen(runner)
+            await api.start()
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._sealer(stop), name="replica-sealer")
+                    tg.create_task(self._retention(stop), name="replica-retention")
+                    self.ready.set()
+                    log.info(
+                        "receiver ready",
+                        extra={"listen": str(self.rc.listen), "groups": len(self.groups)},
+                    )
+                    await stop.wait()
+            finally:
+                await api.stop()
+        finally:
+            await runner.cleanup()
+            a = self.rc.listen
+            if a.kind == "unix" and a.path:
+                remove_socket(a.path)
+            await asyncio.to_thread(self.receiver.close)
+            log.info("receiver stopped; replica journals synced and closed")
+
+    async def _listen(self, runner: web.AppRunner) -> None:
+        a = self.rc.listen
+        ctx = server_ssl(self.rc)
+        if a.kind == "unix":
+            assert a.path is not None
+            prepare_socket_path(a.path)
+            site: web.BaseSite = web.UnixSite(runner, a.path, ssl_context=ctx)
+        else:
+            assert a.host is not None and a.port is not None
+            site = web.TCPSite(runner, a.host, a.port, ssl_context=ctx)
+        await site.start()
+        log.info("receiver listening", extra={"address": str(a), "tls": ctx is not None})
+
+    async def _sealer(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            busy = False
+            for g in list(self.receiver.groups.values()):
+                j = g.journal
+                if j.healthy and j.unsealed_segments:
+                    try:
+                        busy = bool(await asyncio.to_thread(j.seal_pending, 1)) or busy
+                    except Exception as e:
+                        log.error("replica sealing failed", extra={"group": g.name, "err": str(e)})
+            await _wait(stop, 0.05 if busy else 0.5)
+
+    async def _retention(self, stop: asyncio.Event) -> None:
+        r = self.config.retention
+        while not stop.is_set():
+            await _wait(stop, self.retention_interval_s)
+            for g in list(self.receiver.groups.values()):
+                try:
+                    await asyncio.to_thread(
+                        g.journal.apply_retention,
+                        keep_ns=r.journal_window_ns,
+                        max_bytes=r.journal_max_bytes,
+                    )
+                except Exception as e:
+                    log.error("replica retention failed", extra={"group": g.name, "err": str(e)})
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def run_receiver(
+    config: Config, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+) -> int:
+    """Entry point for ``cdp replica serve``: SIGTERM/SIGINT stop it; returns the exit code."""
+    import signal
+
+    if loop_factory is None and config.daemon.event_loop == "uvloop":
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            loop_factory = None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await ReceiverService(config).run(stop)
+
+    t0 = time.monotonic()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+    log.info("exiting", extra={"uptime_s": round(time.monotonic() - t0, 3)})
+    return 0
