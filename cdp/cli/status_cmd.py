@@ -163,8 +163,34 @@ _GROUP_KNOWN: Final = frozenset(
         "history_short",
         "alerts",
         "recovery",
+        "replicas",
+        "replica",
     }
 )
+
+
+def _replica_line(r: Mapping[str, object]) -> str:
+    """One sender: where it is, how far behind (RPO lag) and what it cost on the wire."""
+    parts = [f"{_cell(r.get('state'))}, acked seq {_cell(r.get('acked_seq'))}"]
+    parts.append(f"lag {_cell(r.get('lag_s'))} s")
+    if r.get("pending_records"):
+        parts.append(
+            f"{_cell(r.get('pending_records'))} records "
+            f"({approx_size(r.get('pending_bytes'))}) pending"
+        )
+    parts.append(
+        f"wire {approx_size(r.get('wire_bytes_out'))} out for "
+        f"{approx_size(r.get('logical_bytes'))} written"
+    )
+    init = r.get("initial_sync")
+    if isinstance(init, Mapping):
+        parts.append(
+            f"initial sync {approx_size(init.get('done_bytes'))} of "
+            f"{approx_size(init.get('total_bytes'))}, ETA {_cell(init.get('eta_s'))} s"
+        )
+    if r.get("detail"):
+        parts.append(_cell(r.get("detail")))
+    return f"{_cell(r.get('name'))} ({_cell(r.get('url'))}): " + "; ".join(parts)
 
 
 def _group(g: Mapping[str, object]) -> list[str]:
@@ -196,6 +222,21 @@ def _group(g: Mapping[str, object]) -> list[str]:
         fields.append(("last open", _recovery(recovery)))
     if g.get("history_short"):
         fields.append(("history", "SHORTER than the retention window (size cap reached)"))
+    reps = g.get("replicas")
+    if isinstance(reps, list):
+        for r in reps:
+            if isinstance(r, Mapping):
+                fields.append(("replica", _replica_line(r)))
+    rep = g.get("replica")
+    if isinstance(rep, Mapping):
+        fields.append(
+            (
+                "replica of",
+                f"primary journal {_cell(rep.get('primary_journal'))}, epoch "
+                f"{_cell(rep.get('epoch'))}, {_cell(rep.get('batches'))} batches "
+                f"({approx_size(rep.get('bytes_in'))}) received",
+            )
+        )
     fields += [(k, _cell(v)) for k, v in g.items() if k not in _GROUP_KNOWN]
     width = max((len(k) for k, _ in fields), default=0)
     lines = [f"  {_cell(g.get('name'))} (volumes: {members})"]
