@@ -15,7 +15,10 @@ not as library calls). Each command is printed before it runs, with its output b
 5. ``cdp restore disk0 --at checkpoint:before-corruption --output restored.raw``, then show
    with ``qemu-img compare`` that it equals the disk as it was and differs from the
    corrupted one, and read a file back from it with ``debugfs``.
-6. Stop the daemon with SIGTERM (exit 0).
+6. At the DR site: the same restore from the replica (``--config dr.toml``), which the
+   primary has been shipping to all along (``cdp replica serve`` on loopback, started in
+   step 2; ``cdp status`` shows the RPO lag and the bytes on the wire).
+7. Stop both services with SIGTERM (exit 0).
 
 Exits 0 when every step did what it should, 1 otherwise (the daemon is stopped either way).
 The work folder is removed at the end unless ``--keep`` is given. Needs qemu-utils and
@@ -27,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -68,6 +73,23 @@ listen = "unix:disk0.sock"   # qemu -drive file=nbd+unix:///disk0?socket=disk0.s
 
 [retention]
 journal = "24h"              # any point in the last 24 hours can be restored
+
+[[replica]]                  # ship every write to a DR site (here: on this machine)
+name = "dr1"
+url = "http://127.0.0.1:{port}"
+token_file = "dr1.token"     # the bearer token, read from a file, never from argv
+"""
+
+DR_CONFIG = """\
+# cdp demo DR site: receives the primary's journal and keeps its own history.
+[daemon]
+log_format = "text"
+
+[receiver]
+listen = "127.0.0.1:{port}"
+tokens_file = "receiver.tokens"
+state_dir = "dr-state"
+api = "unix:dr-api.sock"
 """
 
 
@@ -79,6 +101,8 @@ class Demo:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.daemon: subprocess.Popen[bytes] | None = None
+        self.receiver: subprocess.Popen[bytes] | None = None
+        self.port = _free_port()
         self.step_no = 0
         # Children import this very cdp package, wherever the demo was started from.
         package_root = str(Path(__file__).resolve().parent.parent)
@@ -131,11 +155,15 @@ class Demo:
         return proc
 
     def cdp(
-        self, *args: str, expect: int | None = 0, quiet: bool = False
+        self,
+        *args: str,
+        expect: int | None = 0,
+        quiet: bool = False,
+        config: str = "cdp.toml",
     ) -> subprocess.CompletedProcess[str]:
         return self.run(
-            [sys.executable, "-m", "cdp", *args, "--config", "cdp.toml"],
-            shown=["cdp", *args, "--config", "cdp.toml"],
+            [sys.executable, "-m", "cdp", *args, "--config", config],
+            shown=["cdp", *args, "--config", config],
             expect=expect,
             quiet=quiet,
         )
@@ -163,6 +191,21 @@ class Demo:
     def check_daemon_alive(self) -> None:
         if self.daemon is not None and self.daemon.poll() is not None:
             raise DemoFailed(f"the daemon exited with code {self.daemon.returncode}")
+        if self.receiver is not None and self.receiver.poll() is not None:
+            raise DemoFailed(f"the receiver exited with code {self.receiver.returncode}")
+
+    def replica(self) -> dict[str, Any]:
+        g = next(g for g in self.status()["groups"] if g["name"] == "disk0")
+        r: dict[str, Any] = g["replicas"][0]
+        r["primary_last_seq"] = g["window"]["last_seq"]
+        return r
+
+    def wait_replicated(self) -> None:
+        def done() -> bool:
+            r = self.replica()
+            return bool(r["acked_seq"] == r["primary_last_seq"])
+
+        self.wait(done, "the DR site to hold every write")
 
     # ------------------------------------------------------------------ steps
     def make_disk(self) -> None:
@@ -188,9 +231,11 @@ class Demo:
             "export and journals every write; the image as found becomes the first point "
             "(onboarding).",
         )
-        (self.work / "cdp.toml").write_text(CONFIG)
+        self.start_receiver()
+        config = CONFIG.format(port=self.port)
+        (self.work / "cdp.toml").write_text(config)
         print("\n$ cat cdp.toml")
-        for line in CONFIG.splitlines():
+        for line in config.splitlines():
             print(f"  {line}")
         print("\n$ cdp daemon --config cdp.toml 2>daemon.log &")
         with open(self.work / "daemon.log", "wb") as log:
@@ -215,6 +260,39 @@ class Demo:
         self.cdp("status")
         self.run(["nbdinfo", EXPORT])
 
+    def start_receiver(self) -> None:
+        self.note(
+            "First a DR site to replicate to: `cdp replica serve` keeps a replica journal of "
+            "its own, with its own history, so it can restore any point itself. Senders "
+            "authenticate with a bearer token."
+        )
+        token = secrets.token_urlsafe(24)
+        for name in ("receiver.tokens", "dr1.token"):
+            path = self.work / name
+            path.write_text(token + "\n")
+            path.chmod(0o600)
+        dr = DR_CONFIG.format(port=self.port)
+        (self.work / "dr.toml").write_text(dr)
+        print("\n$ cat dr.toml")
+        for line in dr.splitlines():
+            print(f"  {line}")
+        print("\n$ cdp replica serve --config dr.toml 2>receiver.log &")
+        with open(self.work / "receiver.log", "wb") as log:
+            self.receiver = subprocess.Popen(
+                [sys.executable, "-m", "cdp", "replica", "serve", "--config", "dr.toml"],
+                cwd=self.work,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self.env,
+            )
+
+        def answers() -> bool:
+            st = self.cdp("status", "--json", quiet=True, expect=None, config="dr.toml")
+            return st.returncode == 0
+
+        self.wait(answers, "the DR receiver to answer")
+
     def checkpoint(self) -> None:
         self.step(
             "A checkpoint before trouble",
@@ -226,6 +304,14 @@ class Demo:
         self.run(["nbdinfo", "--map", EXPORT])
         self.cdp("checkpoint", "disk0", "--name", "before-corruption")
         self.run(["cp", "--sparse=always", "disk0.raw", "disk0.before.raw"])
+        self.wait_replicated()
+        self.cdp("status")
+        r = self.replica()
+        self.note(
+            f"(replica dr1: {r['state']}, RPO lag {r['lag_s']} s; {r['logical_bytes']} bytes "
+            f"written became {r['wire_bytes_out']} bytes on the wire: unallocated space is "
+            "never sent, batches are zstd-compressed, blocks the DR site holds are not resent)"
+        )
 
     def corrupt(self) -> None:
         self.step(
@@ -268,8 +354,45 @@ class Demo:
         if FILES["notes/plan.txt"] not in shown:
             raise DemoFailed("the restored file system does not hold notes/plan.txt")
 
+    def recover_at_dr(self) -> None:
+        self.step(
+            "Recover at the DR site too",
+            "The corruption was replicated as well (the DR site cannot tell a bad write from "
+            "a good one either), but the DR site keeps history: the same restore works "
+            "there, from the replica journal alone, with the DR site's config.",
+        )
+        self.wait_replicated()
+        self.cdp("status", config="dr.toml")
+        self.cdp(
+            "restore",
+            "disk0",
+            "--at",
+            "checkpoint:before-corruption",
+            "--output",
+            "dr-restored.raw",
+            config="dr.toml",
+        )
+        self.run(
+            ["qemu-img", "compare", "-f", "raw", "-F", "raw", "dr-restored.raw", "disk0.before.raw"]
+        )
+        self.note("(the DR site gives back the disk as it was at the checkpoint, bit for bit)")
+
     def stop_daemon(self) -> None:
-        self.step("Stop", "SIGTERM drains the daemon, syncs the journal and exits 0.")
+        self.step(
+            "Stop",
+            "SIGTERM drains the daemon and the receiver, syncs their journals and exits 0.",
+        )
+        if self.receiver is not None:
+            print(f"\n$ kill -TERM {self.receiver.pid}")
+            self.receiver.send_signal(signal.SIGTERM)
+            try:
+                rcode = self.receiver.wait(timeout=DEADLINE_S)
+            except subprocess.TimeoutExpired as e:
+                raise DemoFailed("the receiver did not exit after SIGTERM") from e
+            self.receiver = None
+            print(f"  receiver exited with code {rcode}")
+            if rcode != 0:
+                raise DemoFailed(f"the receiver exited {rcode} after SIGTERM")
         assert self.daemon is not None
         print(f"\n$ kill -TERM {self.daemon.pid}")
         self.daemon.send_signal(signal.SIGTERM)
@@ -283,16 +406,18 @@ class Demo:
             raise DemoFailed(f"the daemon exited {code} after SIGTERM")
 
     def cleanup(self) -> None:
-        """Stop a daemon still running after a failure (SIGTERM, then SIGKILL)."""
-        d, self.daemon = self.daemon, None
-        if d is None or d.poll() is not None:
-            return
-        d.send_signal(signal.SIGTERM)
-        try:
-            d.wait(timeout=DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            d.kill()
-            d.wait()
+        """Stop services still running after a failure (SIGTERM, then SIGKILL)."""
+        procs = [self.daemon, self.receiver]
+        self.daemon = self.receiver = None
+        for d in procs:
+            if d is None or d.poll() is not None:
+                continue
+            d.send_signal(signal.SIGTERM)
+            try:
+                d.wait(timeout=DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                d.kill()
+                d.wait()
 
     def daemon_log_tail(self, lines: int = 20) -> str:
         try:
@@ -300,6 +425,12 @@ class Demo:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,18 +456,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo.checkpoint()
         demo.corrupt()
         demo.restore()
+        demo.recover_at_dr()
         demo.stop_daemon()
     except (DemoFailed, OSError, subprocess.SubprocessError) as e:
         print(f"\ndemo FAILED: {e}", file=sys.stderr)
         tail = demo.daemon_log_tail()
         if tail:
             print(f"last lines of {work}/daemon.log:\n{tail}", file=sys.stderr)
+        try:
+            rtail = (work / "receiver.log").read_text(errors="replace").splitlines()[-20:]
+            print(f"last lines of {work}/receiver.log:\n" + "\n".join(rtail), file=sys.stderr)
+        except OSError:
+            pass
         return 1
     finally:
         demo.cleanup()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nDone in {time.monotonic() - t0:.1f}s: the disk was restored as it was before.")
+    print(
+        f"\nDone in {time.monotonic() - t0:.1f}s: the disk was restored as it was before, "
+        "at both sites."
+    )
     return 0
 
 

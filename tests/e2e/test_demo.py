@@ -30,12 +30,15 @@ def test_demo_runs_and_restores_the_disk() -> None:
     out = proc.stdout
     # Every step ran, in order, through the CLI.
     steps = [
+        "$ cdp replica serve --config dr.toml",
         "$ cdp daemon --config cdp.toml",
         "$ cdp status --config cdp.toml",
         "$ nbdinfo 'nbd+unix:///disk0?socket=disk0.sock'",
         "$ qemu-io -f raw -c 'write -P 0x5a 48M 1M'",
         "$ cdp checkpoint disk0 --name before-corruption --config cdp.toml",
         "checkpoint before-corruption: seq ",
+        "(replica dr1: ",
+        "bytes on the wire",
         "$ cdp restore disk0 --at latest --output latest.raw",
         "restored disk0 at seq ",
         "Images are identical.",
@@ -43,6 +46,12 @@ def test_demo_runs_and_restores_the_disk() -> None:
         "$ cdp restore disk0 --at checkpoint:before-corruption --output restored.raw",
         "identical to the disk as it was at the checkpoint",
         "Content mismatch",
+        "$ cdp status --config dr.toml",
+        "replica of:",
+        "$ cdp restore disk0 --at checkpoint:before-corruption --output dr-restored.raw "
+        "--config dr.toml",
+        "the DR site gives back the disk as it was at the checkpoint",
+        "receiver exited with code 0",
         "daemon exited with code 0",
         "Done in ",
     ]
