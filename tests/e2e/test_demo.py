@@ -38,7 +38,6 @@ def test_demo_runs_and_restores_the_disk() -> None:
         "$ cdp checkpoint disk0 --name before-corruption --config cdp.toml",
         "checkpoint before-corruption: seq ",
         "(replica dr1: ",
-        "bytes on the wire",
         "$ cdp restore disk0 --at latest --output latest.raw",
         "restored disk0 at seq ",
         "Images are identical.",
