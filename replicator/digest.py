@@ -6,6 +6,8 @@ only 32 bytes per chunk cross the WAN, and a mismatch names the chunk that diffe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import blake3
 
 from journal import Journal
@@ -33,4 +35,28 @@ def chunk_digests(j: Journal, volume: str, seq: int, first: int, count: int) -> 
         for k in range(0, n, cs):
             out.append(blake3.blake3(view[k : k + cs]).digest())
         pos += n
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """The replica's latest compared with the primary at the same seq, chunk by chunk."""
+
+    volume: str
+    seq: int
+    chunks: int
+    chunk_size: int
+    mismatched: tuple[int, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched
+
+
+def compare_digests(local: list[bytes], remote: bytes, first: int) -> list[int]:
+    """Chunk numbers whose digests differ (a short remote answer counts as differing)."""
+    out = []
+    for k, d in enumerate(local):
+        if remote[32 * k : 32 * k + 32] != d:
+            out.append(first + k)
     return out

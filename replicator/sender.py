@@ -32,6 +32,7 @@ from journal import BlockRef, Journal, PointNotRetained, wall_clock
 from journal.clock import Clock
 
 from . import wire
+from .digest import VerifyReport, chunk_digests, compare_digests
 from .source import Prepared, prepare, split_at_checkpoints
 
 log = logging.getLogger(__name__)
@@ -458,6 +459,38 @@ class Sender:
                 "eta_s": round(left / rate, 1) if rate > 0 else None,
             }
         return doc
+
+
+async def verify_replica(target: Target, group: str, j: Journal, volume: str) -> VerifyReport:
+    """Compare the replica's latest with this journal at the same seq, chunk by chunk.
+
+    Only digests (32 bytes per chunk) cross the WAN. Raises PointNotRetained when the
+    replica's position is outside this journal's window (it cannot be compared here).
+    """
+    timeout = aiohttp.ClientTimeout(total=target.request_timeout_s * 4, connect=10)
+    connector = aiohttp.TCPConnector(ssl=target.ssl if target.ssl else False)
+    headers = {"Authorization": f"Bearer {target.token}"}
+    base = f"{target.url.rstrip('/')}/v1/groups/{group}"
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+        async with http.get(f"{base}/position", headers=headers) as r:
+            if r.status != 200:
+                raise SenderStopped(f"position: {r.status} {await r.text():.200}")
+            pos = await r.json()
+        seq = int(pos["durable_seq"])
+        await asyncio.to_thread(j.ts_of, seq)  # PointNotRetained if outside our window
+        cs = j.opts.chunk_size
+        total = (j.volume_size(volume) + cs - 1) // cs
+        bad: list[int] = []
+        step = 16384
+        for first in range(0, total, step):
+            q = {"volume": volume, "seq": str(seq), "first": str(first), "count": str(step)}
+            async with http.get(f"{base}/digest", params=q, headers=headers) as r:
+                if r.status != 200:
+                    raise SenderStopped(f"digest: {r.status} {await r.text():.200}")
+                remote = await r.read()
+            local = await asyncio.to_thread(chunk_digests, j, volume, seq, first, step)
+            bad += compare_digests(local, remote, first)
+        return VerifyReport(volume, seq, total, cs, tuple(bad))
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

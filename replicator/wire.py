@@ -106,10 +106,12 @@ def _unframe(body: bytes) -> Any:
     payload = memoryview(body)[PREFIX.size :]
     if codec == CODEC_ZSTD:
         try:
-            d = zstandard.ZstdDecompressor().decompressobj()
-            raw = d.decompress(bytes(payload)[:MAX_BODY])
-            if len(raw) > MAX_RAW or not d.eof:
-                raise ProtocolError("compressed payload is truncated or too large")
+            # bound the output before decompressing: a small body must not expand past
+            # MAX_RAW in memory (a declared frame size is allocated up front, so check it)
+            size = zstandard.get_frame_parameters(payload).content_size
+            if size != zstandard.CONTENTSIZE_UNKNOWN and size > MAX_RAW:
+                raise ProtocolError("compressed payload is too large")
+            raw = zstandard.ZstdDecompressor().decompress(bytes(payload), max_output_size=MAX_RAW)
         except zstandard.ZstdError as e:
             raise ProtocolError(f"bad zstd payload: {e}") from e
     elif codec == CODEC_NONE:
@@ -192,7 +194,7 @@ def _dec_record(o: Any, k: int) -> Record:
                 0,
             )
             for x in _list(o[7], f"{what} refs", 1 << 16)
-            if len(x) == 2 or _bad(f"{what} ref")
+            if (isinstance(x, list) and len(x) == 2) or _bad(f"{what} ref")
         )
         return WriteRecord(seq, ts, vol, off, length, None, refs, wall)
     if kind == T_ZERO and len(o) == 8:

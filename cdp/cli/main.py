@@ -25,6 +25,7 @@ from cdp.cli import (
     replica_cmd,
     restore_cmd,
     status_cmd,
+    verify_cmd,
 )
 from cdp.cli.common import ArgumentParser, add_common_options, resolve_config_path
 from cdp.errors import (
@@ -61,6 +62,7 @@ _VERBS: Final = (
     status_cmd,
     checkpoint_cmd,
     restore_cmd,
+    verify_cmd,
     journal_cmd,
     configcheck_cmd,
 )

@@ -260,6 +260,50 @@ async def rebuild_index(request: web.Request) -> web.Response:
     )
 
 
+async def verify_replica(request: web.Request) -> web.Response:
+    """Compare a replica's latest with this site's journal at the same seq (digests only)."""
+    from replicator.sender import verify_replica as verify
+
+    d = request.app[DAEMON_KEY]
+    doc = await _body(request)
+    vol = _str(doc, "volume")
+    name = _str(doc, "replica")
+    assert vol is not None and name is not None
+    g = _target(d, {"volume": vol})
+    senders = getattr(d, "senders", {})
+    snd = senders.get((g.name, name))
+    if snd is None:
+        known = sorted({r for (_, r) in senders}) or ["none"]
+        raise ApiError(404, f"no replica named {name!r}", hint=f"replicas: {', '.join(known)}")
+    try:
+        rep = await verify(snd.target, g.name, g.journal, vol)
+    except (OSError, TimeoutError) as e:
+        raise ApiError(503, f"replica {name} unreachable: {e}") from e
+    except Exception as e:
+        from replicator.sender import SenderStopped
+
+        if isinstance(e, SenderStopped):
+            raise ApiError(502, f"replica {name} refused: {e}") from e
+        raise
+    log.info(
+        "replica verified",
+        extra={"volume": vol, "replica": name, "seq": rep.seq, "mismatched": len(rep.mismatched)},
+    )
+    return _reply(
+        200,
+        {
+            "volume": vol,
+            "replica": name,
+            "seq": rep.seq,
+            "chunks": rep.chunks,
+            "chunk_size": rep.chunk_size,
+            "mismatched_chunks": list(rep.mismatched[:1000]),
+            "mismatched": len(rep.mismatched),
+            "ok": rep.ok,
+        },
+    )
+
+
 def make_app(daemon: Site) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=1 << 20)
     app[DAEMON_KEY] = daemon
@@ -268,6 +312,7 @@ def make_app(daemon: Site) -> web.Application:
     app.router.add_post("/v1/resolve", resolve)
     app.router.add_get("/v1/volumes/{name}/image", image)
     app.router.add_post("/v1/journal/rebuild-index", rebuild_index)
+    app.router.add_post("/v1/replica/verify", verify_replica)
     return app
 
 

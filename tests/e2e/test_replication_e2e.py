@@ -119,6 +119,9 @@ def test_replicates_checkpoints_and_restores_at_dr(tmp_path: Path) -> None:
             assert "replica:" in st and "caught-up" in st, st
             dst = cdp(dr, "status").out
             assert "replica of:" in dst, dst
+            out = cdp(primary, "verify", "disk0", "--replica", "dr1").out
+            assert "is identical to the primary at seq" in out, out
+            assert cdp(primary, "verify", "disk0", "--replica", "nope", check=None).code == 2
             # the DR site refuses to write its own records
             assert cdp(dr, "checkpoint", "disk0", check=None).code == 1
         finally:
