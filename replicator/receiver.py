@@ -36,6 +36,7 @@ from journal import (
     Journal,
     JournalError,
     JournalOptions,
+    NoSuchVolume,
     OsStorage,
     OutOfOrder,
     wall_clock,
@@ -66,6 +67,9 @@ class ReplicaMeta:
     journal: bytes
     epoch: int
     chunk_size: int
+    # (first, last) seqs written by a changed-block resync: a mix of two points, never
+    # offered as recovery points; the point before (first - 1) was pinned when it started
+    resyncs: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -83,6 +87,15 @@ class ReplicaGroup:
     def durable_seq(self) -> int:
         return int(self.journal.window().last_seq)
 
+    def not_a_point(self, seq: int) -> str | None:
+        for a, b in self.meta.resyncs if self.meta else ():
+            if a <= seq < b:
+                return (
+                    f"it lies inside the resync of seq {a}..{b}; seq {a - 1} (before it) and "
+                    f"{b} (after it) are consistent"
+                )
+        return None
+
 
 class TokenFile:
     """Bearer tokens, one per line, re-read when the file changes (rotation needs no restart).
@@ -93,19 +106,22 @@ class TokenFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._mtime: tuple[float, int] | None = None
+        self._raw: bytes | None = None
         self._digests: list[bytes] = []
         self.reload()
 
     def reload(self) -> None:
-        st = os.stat(self.path)
-        key = (st.st_mtime, st.st_size)
-        if key == self._mtime:
+        # compare the content, not (mtime, size): a same-length token swapped within one
+        # timestamp tick (coarse file times) would otherwise stay unseen and the removed
+        # token valid. The file is small; reading it per request is cheap.
+        with open(self.path, "rb") as f:
+            raw = f.read()
+        if raw == self._raw:
             return
-        with open(self.path, encoding="utf-8") as f:
-            tokens = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        lines = raw.decode("utf-8").splitlines()
+        tokens = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         self._digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
-        self._mtime = key
+        self._raw = raw
 
     def check(self, presented: str) -> bool:
         try:
@@ -160,7 +176,12 @@ class Receiver:
         if os.path.exists(mp):
             with open(mp, "rb") as f:
                 m = unpack_obj(f.read())
-            meta = ReplicaMeta(bytes(m["journal"]), int(m["epoch"]), int(m["chunk_size"]))
+            meta = ReplicaMeta(
+                bytes(m["journal"]),
+                int(m["epoch"]),
+                int(m["chunk_size"]),
+                [(int(a), int(b)) for a, b in m.get("resyncs", [])],
+            )
             opts = JournalOptions(
                 segment_size=opts.segment_size,
                 chunk_size=meta.chunk_size,
@@ -175,7 +196,14 @@ class Receiver:
         write_atomic(
             OsStorage(),
             os.path.join(g.path, "replica.meta"),
-            pack_obj({"journal": meta.journal, "epoch": meta.epoch, "chunk_size": meta.chunk_size}),
+            pack_obj(
+                {
+                    "journal": meta.journal,
+                    "epoch": meta.epoch,
+                    "chunk_size": meta.chunk_size,
+                    "resyncs": [list(r) for r in meta.resyncs],
+                }
+            ),
         )
         g.meta = meta
 
@@ -228,7 +256,7 @@ class Receiver:
             )
         if s.epoch > m.epoch:
             await asyncio.to_thread(
-                self._save_meta, g, ReplicaMeta(m.journal, s.epoch, m.chunk_size)
+                self._save_meta, g, ReplicaMeta(m.journal, s.epoch, m.chunk_size, m.resyncs)
             )
 
     def _reopen_fresh(self, g: ReplicaGroup) -> Journal:
@@ -329,10 +357,45 @@ class Receiver:
                 raise Refused(409, "gap", str(e), expected=e.expected) from e
             except ValueError as e:
                 raise Refused(400, "bad-frame", str(e)) from e
+        done = bool(g.meta and g.meta.resyncs and g.durable_seq >= g.meta.resyncs[-1][1])
+        if done and ("snapshot", "resync-pin") in g.journal.holds:
+            await asyncio.to_thread(g.journal.release_hold, "snapshot", "resync-pin")
+            log.info("replica resync complete", extra={"group": g.name, "seq": g.durable_seq})
         g.last_batch_ns = time.time_ns()
         g.batches += 1
         g.bytes_in += len(body)
         self.accepted += 1
+        return _json(200, self.position(g))
+
+    async def h_resync(self, request: web.Request) -> web.Response:
+        """Announce a changed-block resync of seqs first..last (the primary folded them).
+
+        The replica's latest point (first - 1) is consistent: it is pinned (a snapshot hold)
+        until the resync completes, and the seqs in between are recorded as not recovery
+        points, so neither site ever offers the half-resynced state.
+        """
+        g = await self._group(request.match_info["group"], create=False)
+        doc = wire.decode_resync(await _read(request))
+        async with g.lock:
+            await self._bind(g, doc.stream)
+            durable = g.durable_seq
+            if doc.first != durable + 1:
+                raise Refused(409, "gap", f"resync starts at {doc.first}", expected=durable + 1)
+            assert g.meta is not None
+            if (doc.first, doc.last) not in g.meta.resyncs:
+                meta = ReplicaMeta(
+                    g.meta.journal,
+                    g.meta.epoch,
+                    g.meta.chunk_size,
+                    [*g.meta.resyncs, (doc.first, doc.last)],
+                )
+                await asyncio.to_thread(self._save_meta, g, meta)
+            if durable >= g.journal.window().first_seq:
+                await asyncio.to_thread(g.journal.set_hold, "snapshot", "resync-pin", durable)
+        log.warning(
+            "replica resync started: changed blocks only",
+            extra={"group": g.name, "pinned_seq": durable, "last": doc.last},
+        )
         return _json(200, self.position(g))
 
     async def h_digest(self, request: web.Request) -> web.Response:
@@ -347,11 +410,18 @@ class Receiver:
             raise Refused(400, "bad-request", "seq, first, count: integers") from e
         try:
             digests = await asyncio.to_thread(chunk_digests, g.journal, vol, seq, first, count)
+            size = g.journal.volume_size(vol)
+        except NoSuchVolume as e:
+            raise Refused(404, "no-volume", str(e)) from e
         except JournalError as e:
             raise Refused(409, "not-retained", str(e)) from e
         except ValueError as e:
             raise Refused(400, "bad-request", str(e)) from e
-        return web.Response(body=b"".join(digests), content_type="application/octet-stream")
+        return web.Response(
+            body=b"".join(digests),
+            content_type="application/octet-stream",
+            headers={"X-Cdp-Volume-Size": str(size)},
+        )
 
     # ------------------------------------------------------------------ app
     def make_app(self) -> web.Application:
@@ -364,6 +434,7 @@ class Receiver:
         app.router.add_post("/v1/groups/{group}/base", self.h_base)
         app.router.add_post("/v1/groups/{group}/batch", self.h_batch)
         app.router.add_get("/v1/groups/{group}/digest", self.h_digest)
+        app.router.add_post("/v1/groups/{group}/resync", self.h_resync)
         return app
 
     @web.middleware

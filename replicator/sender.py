@@ -27,8 +27,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import blake3
 
-from journal import BlockRef, Journal, PointNotRetained, wall_clock
+from journal import (
+    BlockRef,
+    CheckpointKind,
+    CheckpointRecord,
+    Journal,
+    JournalError,
+    PointNotRetained,
+    Record,
+    Seq,
+    VolumeRecord,
+    WriteRecord,
+    ZeroRecord,
+    wall_clock,
+)
 from journal.clock import Clock
 
 from . import wire
@@ -165,17 +179,21 @@ class Sender:
                     )
                     await _wait(stop, backoff * (0.5 + random.random()))
                     backoff = min(backoff * 2, 5.0)
-                except PointNotRetained as e:
+                except PointNotRetained:
+                    # folded away while streaming (the size cap released our hold): the
+                    # next connection finds the gap and resyncs the changed blocks
                     self.state = "resync-needed"
-                    self.detail = (
-                        f"the primary journal no longer holds seq {self.acked_seq + 1} "
-                        f"(its size cap released this replica's hold): {e}"
-                    )
+                    self.detail = f"the primary journal no longer holds seq {self.acked_seq + 1}"
                     log.error(
-                        "replica fell behind the journal window",
+                        "replica fell behind the journal window; resyncing changed blocks",
                         extra={"replica": self.target.name, "group": self.group},
                     )
-                    await _wait(stop, 30.0)
+                    await _wait(stop, 0.5)
+                except JournalError as e:
+                    # the journal failed (ENOSPC, EIO) or is being reopened by the daemon's
+                    # repair: capture goes on; ship again once it is back
+                    self.state, self.detail = "journal-unavailable", str(e)
+                    await _wait(stop, 1.0)
         await asyncio.to_thread(self._save_hold, force=True)
 
     # ------------------------------------------------------------------ protocol
@@ -221,7 +239,7 @@ class Sender:
                 await self._install_base(http, j)
                 acked = int(w.first_seq)
             else:
-                raise PointNotRetained(f"seq {acked + 1}", w.first_seq, w.last_seq, 0, 0)
+                acked = await self._resync(http, j, acked)
         self.acked_seq = acked
         await asyncio.to_thread(self._save_hold, force=True)
         if not self.caught_up_once and self.initial_total == 0:
@@ -401,6 +419,129 @@ class Sender:
             "replica seeded from the primary's base",
             extra={"replica": self.target.name, "group": self.group, "seq": seq},
         )
+
+    async def _resync(self, http: aiohttp.ClientSession, j: Journal, acked: int) -> int:
+        """The replica holds seq ``acked``, which this journal folded away: ship what differs.
+
+        Pins a point S (a replica hold at this journal's latest), compares chunk digests of
+        the replica at ``acked`` with this journal at S (only digests cross the WAN), and
+        writes seqs acked+1..S at the DR site: one record per run of changed chunks (data or
+        zeroes), padded with no-op volume records, ending with a ``resync`` checkpoint.
+        The receiver pins ``acked`` first and never offers the seqs in between as points.
+        """
+        self.state = "resyncing"
+        for _ in range(4):
+            await asyncio.to_thread(j.sync)
+            s = int(j.window().last_seq)
+            await asyncio.to_thread(j.set_hold, "replica", self.target.name, s)
+            plan = await self._resync_plan(http, j, acked, s)
+            need = len(plan) + 1
+            if s - acked >= need:
+                break
+            # not enough seqs between the two points for one record per run: make room
+            # with no-op records here, then plan again at the new latest
+            vol = next(iter(j.volumes))
+            for _ in range(need - (s - acked)):
+                await asyncio.to_thread(j.add_volume, vol, j.volume_size(vol))
+        else:
+            raise Retry("could not plan the resync")
+        ts = j.ts_of(s)
+        recs: list[Record] = []
+        seq = acked + 1
+        for vol, kind, off, n in plan:
+            if kind == "v":
+                recs.append(VolumeRecord(Seq(seq), ts, vol, n))
+            elif kind == "z":
+                recs.append(ZeroRecord(Seq(seq), ts, vol, off, n))
+            else:  # data is read when its batch is built, below
+                recs.append(WriteRecord(Seq(seq), ts, vol, off, n, None))
+            seq += 1
+        pad = next(iter(j.volumes))
+        while seq < s:
+            recs.append(VolumeRecord(Seq(seq), ts, pad, j.volume_size(pad)))
+            seq += 1
+        recs.append(CheckpointRecord(Seq(s), ts, f"resync-{acked + 1}-{s}", CheckpointKind.CRASH))
+        changed = sum(n for _, k, _, n in plan if k == "w")
+        self.detail = f"changed blocks since seq {acked}: {changed} bytes to ship"
+        body = wire.encode_resync(
+            wire.Resync(
+                wire.StreamId(self.group, j.uuid, self.epoch, j.opts.chunk_size), acked + 1, s
+            )
+        )
+        status, doc = await self._call(http, "POST", "resync", body)
+        if status != 200:
+            raise Retry(f"resync: {status} {doc!r:.200}")
+        log.warning(
+            "resyncing the replica: changed blocks only",
+            extra={
+                "replica": self.target.name,
+                "group": self.group,
+                "from": acked,
+                "to": s,
+                "bytes": changed,
+            },
+        )
+        self.acked_seq = acked
+        k = 0
+        while k < len(recs):
+            batch: list[Record] = []
+            size = 0
+            while k < len(recs) and (not batch or size < self._batch_bytes()):
+                r = recs[k]
+                if isinstance(r, WriteRecord):
+                    data = await asyncio.to_thread(j.read, r.volume, r.offset, r.length, s)
+                    r = WriteRecord(r.seq, r.ts, r.volume, r.offset, r.length, data)
+                    size += r.length
+                batch.append(r)
+                k += 1
+            p = await asyncio.to_thread(prepare, batch, j.opts.chunk_size)
+            await self._ship(http, j, p)
+        self.detail = ""
+        return s
+
+    async def _resync_plan(
+        self, http: aiohttp.ClientSession, j: Journal, acked: int, s: int
+    ) -> list[tuple[str, str, int, int]]:
+        """(volume, kind, offset, length): "v" a new size, "w" data, "z" zeroes, runs merged."""
+        cs = j.opts.chunk_size
+        plan: list[tuple[str, str, int, int]] = []
+        step = 16384
+        for vol in sorted(j.volumes):
+            size = j.volume_size(vol)
+            total = (size + cs - 1) // cs
+            remote_size: int | None = None
+            runs: list[tuple[str, int, int]] = []  # kind, first chunk, chunks
+            for first in range(0, total, step):
+                q = {"volume": vol, "seq": str(acked), "first": str(first), "count": str(step)}
+                url = self._url("digest")
+                async with http.get(url, params=q, headers=self._headers()) as r:
+                    raw = await r.read()
+                    self.stats.wire_bytes_in += len(raw) + 150
+                    if r.status == 404:
+                        raw = b""
+                    elif r.status != 200:
+                        raise Retry(f"digest: {r.status}")
+                    else:
+                        remote_size = int(r.headers.get("X-Cdp-Volume-Size", "0"))
+                local = await asyncio.to_thread(chunk_digests, j, vol, s, first, step)
+                zero = blake3.blake3(bytes(cs)).digest()
+                for c in compare_digests(local, raw, first):
+                    n = min(cs, size - c * cs)
+                    is_zero = local[c - first] == (
+                        zero if n == cs else blake3.blake3(bytes(n)).digest()
+                    )
+                    kind = "z" if is_zero else "w"
+                    last = runs[-1] if runs else None
+                    if last and last[0] == kind and last[1] + last[2] == c and last[2] < 64:
+                        runs[-1] = (kind, last[1], last[2] + 1)
+                    else:
+                        runs.append((kind, c, 1))
+            if remote_size != size:
+                plan.append((vol, "v", 0, size))
+            for kind, c, n in runs:
+                off = c * cs
+                plan.append((vol, kind, off, min(n * cs, size - off)))
+        return plan
 
     def _save_hold(self, *, force: bool = False) -> None:
         now = time.monotonic()

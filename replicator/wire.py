@@ -353,6 +353,31 @@ def decode_base(body: bytes) -> Base:
     return Base(stream, _int(o["seq"], "base seq", 1), _int(o["ts"], "base ts"), vols)
 
 
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """A changed-block resync will write seqs first..last (a mix of two points)."""
+
+    stream: StreamId
+    first: int
+    last: int
+
+
+def encode_resync(r: Resync) -> bytes:
+    return _frame(
+        {"stream": _enc_stream(r.stream), "first": r.first, "last": r.last}, CODEC_NONE, 0
+    )
+
+
+def decode_resync(body: bytes) -> Resync:
+    o = _unframe(body)
+    if not isinstance(o, dict) or set(o) != {"stream", "first", "last"}:
+        raise ProtocolError("resync: expected keys stream, first, last")
+    first, last = _int(o["first"], "resync first", 1), _int(o["last"], "resync last", 1)
+    if last < first:
+        raise ProtocolError("resync: last before first")
+    return Resync(_dec_stream(o["stream"]), first, last)
+
+
 def refs_of(records: Sequence[Record]) -> dict[bytes, int]:
     """Every block id the records reference, with its length, in first-use order."""
     out: dict[bytes, int] = {}

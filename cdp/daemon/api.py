@@ -110,7 +110,19 @@ def _target(d: Site, doc: dict[str, Any]) -> SiteGroup:
 
 
 def resolve_when(g: SiteGroup, when: object) -> int:
-    """Map a ``when`` object (docs/design/api.md) to a seq of the group's journal."""
+    """Map a ``when`` object (docs/design/api.md) to a seq of the group's journal.
+
+    A seq inside a resync at the DR site is refused: it is a mix of two points (half
+    shipped), never a recovery point.
+    """
+    seq = _resolve_when(g, when)
+    why = g.not_a_point(seq)
+    if why is not None:
+        raise ApiError(409, f"seq {seq} is not a recovery point: {why}")
+    return seq
+
+
+def _resolve_when(g: SiteGroup, when: object) -> int:
     if not isinstance(when, dict):
         raise ApiError(400, "when: expected an object with a kind")
     kind = when.get("kind")

@@ -50,6 +50,9 @@ class Group:
     reopens: int = 0
     retired: list[Journal] = field(default_factory=list)  # replaced after a failure
 
+    def not_a_point(self, seq: int) -> str | None:
+        return None  # every retained seq of a primary journal is a crash-consistent point
+
 
 @dataclass(slots=True)
 class VolumeRuntime:

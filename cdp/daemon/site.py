@@ -20,6 +20,10 @@ class SiteGroup(Protocol):
     @property
     def journal(self) -> Journal: ...
 
+    def not_a_point(self, seq: int) -> str | None:
+        """Why ``seq`` must not be offered as a recovery point (None: it is one)."""
+        ...
+
 
 class SiteVolume(Protocol):
     @property
