@@ -214,11 +214,13 @@ class ReceiverConfig:
     """``[receiver]``: the DR-site service (``cdp replica serve``)."""
 
     listen: Address
-    tokens_file: Path
+    tokens_file: Path | None
     state_dir: Path = _DEFAULT_RECEIVER_STATE
     api: Address = _DEFAULT_RECEIVER_API
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: senders must show a cert signed by it
+    tls_client_names: tuple[str, ...] = ()  # and, when set, one of these names (CN or SAN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,9 +558,22 @@ class _Parser:
             raise t.error(
                 "api", "a TCP API address must be loopback (127.0.0.1, ::1, localhost)", str(api)
             )
+        client_ca = t.get("tls_client_ca", self.path)
+        if client_ca is not None and tls_cert is None:
+            raise t.error("tls_client_ca", "mutual TLS needs tls_cert and tls_key", str(client_ca))
+        names = t.get("tls_client_names", _names)
+        if names and client_ca is None:
+            raise t.error("tls_client_names", "needs tls_client_ca", list(names))
+        tokens = t.get("tokens_file", self.path)
+        if tokens is None and client_ca is None:
+            raise t.error(
+                "tokens_file", "missing (required unless tls_client_ca sets up mutual TLS)"
+            )
         result = ReceiverConfig(
             listen=t.need("listen", self.address),
-            tokens_file=t.need("tokens_file", self.path),
+            tokens_file=tokens,
+            tls_client_ca=client_ca,
+            tls_client_names=names or (),
             state_dir=t.get_or("state_dir", self.path, _DEFAULT_RECEIVER_STATE),
             api=api,
             tls_cert=tls_cert,
@@ -692,6 +707,16 @@ def _positive_size(value: object) -> int:
     if size == 0:
         raise ValueError('expected a size like "50GiB": must be positive')
     return size
+
+
+def _names(value: object) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, str) and v and len(v) <= 255 for v in value)
+    ):
+        raise ValueError("expected a non-empty list of names")
+    return tuple(value)
 
 
 def _zstd_level(value: object) -> int:

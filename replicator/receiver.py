@@ -141,13 +141,20 @@ class Receiver:
     def __init__(
         self,
         state_dir: str,
-        tokens: TokenFile,
+        tokens: TokenFile | None,
         *,
         journal_options: JournalOptions | None = None,
         clock: Clock = wall_clock,
+        mtls: bool = False,
+        client_names: tuple[str, ...] = (),
     ) -> None:
+        """``tokens`` None means mutual TLS alone authenticates (``mtls`` must be True)."""
+        if tokens is None and not mtls:
+            raise ValueError("the receiver needs bearer tokens, mutual TLS, or both")
         self.state_dir = state_dir
         self.tokens = tokens
+        self.mtls = mtls
+        self.client_names = client_names
         self.journal_options = journal_options or JournalOptions()
         self.clock = clock
         self.groups: dict[str, ReplicaGroup] = {}
@@ -439,10 +446,22 @@ class Receiver:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        auth = request.headers.get("Authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token or not self.tokens.check(token.strip()):
-            raise Refused(401, "unauthorized", "missing or wrong bearer token")
+        """Every request: a valid bearer token and/or a verified client certificate.
+
+        With mutual TLS the TLS layer already refused connections without a certificate
+        signed by ``tls_client_ca``; ``client_names`` narrows that to named senders.
+        """
+        if self.mtls:
+            peer = request.transport.get_extra_info("peercert") if request.transport else None
+            if not peer:
+                raise Refused(401, "unauthorized", "a client certificate is required")
+            if self.client_names and not set(_cert_names(peer)) & set(self.client_names):
+                raise Refused(401, "unauthorized", "client certificate not allowed here")
+        if self.tokens is not None:
+            auth = request.headers.get("Authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not token or not self.tokens.check(token.strip()):
+                raise Refused(401, "unauthorized", "missing or wrong bearer token")
         return await handler(request)
 
     @web.middleware
@@ -493,6 +512,13 @@ class Receiver:
     def close(self) -> None:
         for g in self.groups.values():
             g.journal.close()
+
+
+def _cert_names(peer: Any) -> list[str]:
+    """The common names and DNS/IP subject alternative names of a verified peer cert."""
+    names = [v for rdn in peer.get("subject", ()) for k, v in rdn if k == "commonName"]
+    names += [v for k, v in peer.get("subjectAltName", ()) if k in ("DNS", "IP Address")]
+    return names
 
 
 def _apply(j: Journal, recs: list[Any], blocks: Mapping[bytes, bytes]) -> None:

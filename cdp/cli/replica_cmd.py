@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             config.path, "receiver", "missing: cdp replica serve needs a [receiver] table"
         )
-    if not os.access(rc.tokens_file, os.R_OK):
+    if rc.tokens_file is not None and not os.access(rc.tokens_file, os.R_OK):
         raise ConfigError(
             config.path,
             "receiver.tokens_file",

@@ -43,6 +43,9 @@ def server_ssl(rc: ReceiverConfig) -> ssl.SSLContext | None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(rc.tls_cert), str(rc.tls_key))
+    if rc.tls_client_ca is not None:  # mutual TLS: no certificate, no connection
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(rc.tls_client_ca))
     return ctx
 
 
@@ -67,7 +70,9 @@ class ReceiverService:
         self.started_ns = 0
         self.receiver = Receiver(
             str(self.rc.state_dir),
-            TokenFile(str(self.rc.tokens_file)),
+            TokenFile(str(self.rc.tokens_file)) if self.rc.tokens_file else None,
+            client_names=self.rc.tls_client_names,
+            mtls=self.rc.tls_client_ca is not None,
             journal_options=journal_options,
             clock=clock,
         )
