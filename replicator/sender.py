@@ -152,6 +152,7 @@ class Sender:
         self.initial_started = 0.0
         self.caught_up_once = False
         self.last_ack_ns = 0
+        self._progress_logged = 0.0
 
     # ------------------------------------------------------------------ run
     async def run(self, stop: asyncio.Event) -> None:
@@ -326,6 +327,7 @@ class Sender:
                 self.stats.block_bytes_sent += sum(len(v) for v in blocks.values())
                 if not self.caught_up_once:
                     self.initial_done += p.logical_bytes
+                    self._log_progress()
                 for b in ids:
                     self._remember(b)
                 return
@@ -356,6 +358,18 @@ class Sender:
         if need_store:
             out.update(j.get_blocks(need_store))
         return out
+
+    def _log_progress(self) -> None:
+        now = time.monotonic()
+        if now - self._progress_logged < 5.0:
+            return
+        self._progress_logged = now
+        init = self.status().get("initial_sync")
+        if isinstance(init, dict):
+            log.info(
+                "initial sync",
+                extra={"replica": self.target.name, "group": self.group, **init},
+            )
 
     def _remember(self, b: bytes) -> None:
         self._known[b] = None
