@@ -306,17 +306,17 @@ class BlockStore:
             self._pending.clear()
             self._pending_sizes.clear()
 
-    def locate_many(self, ids: Sequence[bytes]) -> dict[bytes, tuple[int, int]]:
-        """(pack, offset) of each id the store holds, indexed or written since the last flush.
+    def locate_many(self, ids: Sequence[bytes]) -> dict[bytes, tuple[int, int, int]]:
+        """(pack, offset, raw length) of each id the store holds, flushed or not yet.
 
         The replication receiver asks this before accepting a batch that references blocks
         it did not carry: what is missing must be sent, never assumed.
         """
         with self._lock:
-            out = {b: (p[0], p[1]) for b in ids if (p := self._pending.get(b)) is not None}
+            out = {b: (p[0], p[1], p[3]) for b in ids if (p := self._pending.get(b)) is not None}
             rest = [b for b in ids if b not in out]
         for b, loc in self.index.lookup_blocks(rest).items():
-            out[b] = (loc.pack, loc.offset)
+            out[b] = (loc.pack, loc.offset, loc.raw_len)
         return out
 
     # -- reading ------------------------------------------------------------------------

@@ -1050,7 +1050,11 @@ class Journal:
                                 raise ValueError(
                                     f"seq {rec.seq}: block refs not split at {cs}-byte chunks"
                                 )
-                            needed.setdefault(r.block_id, r.length)
+                            if needed.setdefault(r.block_id, r.length) != r.length:
+                                raise ValueError(
+                                    f"seq {rec.seq}: block {r.block_id.hex()[:16]} is named "
+                                    "with two lengths"
+                                )
                             pos += piece
                         if pos != end:
                             raise ValueError(f"seq {rec.seq}: block refs do not cover the write")
@@ -1059,14 +1063,16 @@ class Journal:
                     raise ValueError("a block exceeds the size limit")
                 if block_id(data) != b:
                     raise ValueError(f"block {b.hex()[:16]}: data does not match its id")
-            have = self.store.locate_many(list(needed))
-            missing = [b for b in needed if b not in have and b not in blocks]
+            held = self.store.locate_many(list(needed))
+            missing = [b for b in needed if b not in held and b not in blocks]
             if missing:
                 raise BlocksNeeded(missing)
+            for b, n in needed.items():
+                got = held[b][2] if b in held else len(blocks[b])
+                if got != n:
+                    raise ValueError(f"block {b.hex()[:16]}: length {n} in refs, {got} stored")
+            have = {b: (p, o) for b, (p, o, _) in held.items()}
             new = [b for b in needed if b not in have]
-            for b in new:
-                if len(blocks[b]) != needed[b]:
-                    raise ValueError(f"block {b.hex()[:16]}: length does not match its refs")
             try:
                 if new:
                     for ref in self.store.put_many([blocks[b] for b in new]):
@@ -1125,7 +1131,10 @@ class Journal:
                     n = min(cs, size - c * cs)
                     if c < 0 or n <= 0:
                         raise ValueError(f"base chunk {c} outside volume {name!r}")
-                    vm.base[c] = BlockRef(BlockId(b), n, *have[b])
+                    pack, off, raw = have[b]
+                    if raw != n:
+                        raise ValueError(f"base chunk {c} of {name!r}: block of {raw} bytes")
+                    vm.base[c] = BlockRef(BlockId(b), n, pack, off)
                 maps[name] = vm
             write_atomic(
                 self.storage,

@@ -228,8 +228,14 @@ class Receiver:
                     self.groups[name] = g
         return g
 
-    async def _bind(self, g: ReplicaGroup, s: wire.StreamId) -> None:
-        """Check (or on first contact record) which primary journal and epoch may append."""
+    async def _bind(self, g: ReplicaGroup, s: wire.StreamId) -> ReplicaMeta | None:
+        """Check which primary journal and epoch may append; nothing is saved here.
+
+        Returns the binding to save (first contact, or a newer epoch), None when it is
+        unchanged. A newer epoch is saved only once its request succeeded, so a refused
+        request never fences the current primary; a first contact is saved just before its
+        first records are written (after the framing, stream and seq checks).
+        """
         if s.group != g.name:
             raise Refused(400, "bad-frame", "the stream names another group than the URL")
         m = g.meta
@@ -239,15 +245,8 @@ class Receiver:
             if s.chunk_size != g.journal.opts.chunk_size:
                 # an empty replica adopts the primary's chunk size: reopen it with that size
                 await asyncio.to_thread(g.journal.close)
-                self._save_meta(g, ReplicaMeta(s.journal, s.epoch, s.chunk_size))
-                ng = await asyncio.to_thread(self._reopen_fresh, g)
-                g.journal = ng
-            else:
-                await asyncio.to_thread(
-                    self._save_meta, g, ReplicaMeta(s.journal, s.epoch, s.chunk_size)
-                )
-            log.info("replica bound", extra={"group": g.name, "epoch": s.epoch})
-            return
+                g.journal = await asyncio.to_thread(self._reopen_fresh, g, s.chunk_size)
+            return ReplicaMeta(s.journal, s.epoch, s.chunk_size)
         if s.journal != m.journal:
             raise Refused(
                 409,
@@ -262,23 +261,31 @@ class Receiver:
                 409, "stale-epoch", f"epoch {s.epoch} is older than {m.epoch}", epoch=m.epoch
             )
         if s.epoch > m.epoch:
-            await asyncio.to_thread(
-                self._save_meta, g, ReplicaMeta(m.journal, s.epoch, m.chunk_size, m.resyncs)
-            )
+            return ReplicaMeta(m.journal, s.epoch, m.chunk_size, m.resyncs)
+        return None
 
-    def _reopen_fresh(self, g: ReplicaGroup) -> Journal:
+    async def _commit_bind(self, g: ReplicaGroup, meta: ReplicaMeta | None) -> None:
+        if meta is None:
+            return
+        first = g.meta is None
+        await asyncio.to_thread(self._save_meta, g, meta)
+        log.info(
+            "replica bound" if first else "replica epoch raised",
+            extra={"group": g.name, "epoch": meta.epoch},
+        )
+
+    def _reopen_fresh(self, g: ReplicaGroup, chunk_size: int) -> Journal:
         import shutil
 
         jp = os.path.join(g.path, "journal")
         shutil.rmtree(jp)  # empty (no records): only its metadata, made with another chunk size
-        assert g.meta is not None
         o = self.journal_options
         return Journal.open(
             jp,
             clock=self.clock,
             options=JournalOptions(
                 segment_size=o.segment_size,
-                chunk_size=g.meta.chunk_size,
+                chunk_size=chunk_size,
                 pack_target=o.pack_target,
                 hash_workers=o.hash_workers,
                 zstd_level=o.zstd_level,
@@ -324,13 +331,17 @@ class Receiver:
         g = await self._group(request.match_info["group"], create=True)
         base = wire.decode_base(await _read(request))
         async with g.lock:
-            await self._bind(g, base.stream)
+            bound = await self._bind(g, base.stream)
             if g.durable_seq >= base.seq:
                 return _json(200, {**self.position(g), "duplicate": True})
             if g.durable_seq > 0:
                 raise Refused(409, "not-empty", "a base goes into an empty replica only")
+            if g.meta is None:  # bind before the base lands (see h_batch)
+                await self._commit_bind(g, bound)
+                bound = None
             try:
                 await asyncio.to_thread(g.journal.install_base, base.seq, base.ts, base.volumes)
+                await self._commit_bind(g, bound)
             except BlocksNeeded as e:
                 raise Refused(
                     422, "blocks-needed", str(e), missing=[b.hex() for b in e.block_ids]
@@ -345,7 +356,7 @@ class Receiver:
         body = await _read(request)
         batch = await asyncio.to_thread(wire.decode_batch, body)
         async with g.lock:
-            await self._bind(g, batch.stream)
+            bound = await self._bind(g, batch.stream)
             durable = g.durable_seq
             if batch.last_seq <= durable:
                 return _json(200, {**self.position(g), "duplicate": True})
@@ -354,6 +365,11 @@ class Receiver:
                     409, "gap", f"batch starts at {batch.first_seq}", expected=durable + 1
                 )
             recs = [r for r in batch.records if r.seq > durable]
+            if g.meta is None:
+                # first contact: bind before the first record lands, so that a crash right
+                # after it can never leave history without a binding (that would wedge)
+                await self._commit_bind(g, bound)
+                bound = None
             try:
                 await asyncio.to_thread(_apply, g.journal, recs, batch.blocks)
             except BlocksNeeded as e:
@@ -364,6 +380,7 @@ class Receiver:
                 raise Refused(409, "gap", str(e), expected=e.expected) from e
             except ValueError as e:
                 raise Refused(400, "bad-frame", str(e)) from e
+            await self._commit_bind(g, bound)
         done = bool(g.meta and g.meta.resyncs and g.durable_seq >= g.meta.resyncs[-1][1])
         if done and ("snapshot", "resync-pin") in g.journal.holds:
             await asyncio.to_thread(g.journal.release_hold, "snapshot", "resync-pin")
@@ -384,19 +401,21 @@ class Receiver:
         g = await self._group(request.match_info["group"], create=False)
         doc = wire.decode_resync(await _read(request))
         async with g.lock:
-            await self._bind(g, doc.stream)
+            bound = await self._bind(g, doc.stream) or g.meta
             durable = g.durable_seq
             if doc.first != durable + 1:
                 raise Refused(409, "gap", f"resync starts at {doc.first}", expected=durable + 1)
-            assert g.meta is not None
-            if (doc.first, doc.last) not in g.meta.resyncs:
-                meta = ReplicaMeta(
-                    g.meta.journal,
-                    g.meta.epoch,
-                    g.meta.chunk_size,
-                    [*g.meta.resyncs, (doc.first, doc.last)],
+            if bound is None or durable == 0:
+                raise Refused(409, "not-bound", "a resync needs a replica with history")
+            if (doc.first, doc.last) not in bound.resyncs:
+                bound = ReplicaMeta(
+                    bound.journal,
+                    bound.epoch,
+                    bound.chunk_size,
+                    [*bound.resyncs, (doc.first, doc.last)],
                 )
-                await asyncio.to_thread(self._save_meta, g, meta)
+            if bound is not g.meta:
+                await asyncio.to_thread(self._save_meta, g, bound)
             if durable >= g.journal.window().first_seq:
                 await asyncio.to_thread(g.journal.set_hold, "snapshot", "resync-pin", durable)
         log.warning(

@@ -46,6 +46,7 @@ MAX_RAW = 160 << 20  # decompressed payload per request
 MAX_RECORDS = 200_000
 MAX_IDS = 200_000
 MAX_BLOCK = 16 << 20
+MAX_BASE_CHUNKS = 1 << 22  # per volume in one base message
 
 T_WRITE, T_ZERO, T_CHECKPOINT, T_VOLUME = 1, 2, 3, 4
 
@@ -93,7 +94,7 @@ def _frame(obj: Any, codec: int, level: int) -> bytes:
     return PREFIX.pack(MAGIC, VERSION, codec) + raw
 
 
-def _unframe(body: bytes) -> Any:
+def _unframe(body: bytes, *, max_array: int = MAX_IDS) -> Any:
     if len(body) > MAX_BODY:
         raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_BODY}")
     if len(body) < PREFIX.size:
@@ -109,9 +110,12 @@ def _unframe(body: bytes) -> Any:
             # bound the output before decompressing: a small body must not expand past
             # MAX_RAW in memory (a declared frame size is allocated up front, so check it)
             size = zstandard.get_frame_parameters(payload).content_size
-            if size != zstandard.CONTENTSIZE_UNKNOWN and size > MAX_RAW:
-                raise ProtocolError("compressed payload is too large")
-            raw = zstandard.ZstdDecompressor().decompress(bytes(payload), max_output_size=MAX_RAW)
+            if size == zstandard.CONTENTSIZE_UNKNOWN or size > MAX_RAW:
+                raise ProtocolError("compressed payload of unknown or too large a size")
+            d = zstandard.ZstdDecompressor().decompressobj()
+            raw = d.decompress(bytes(payload))
+            if not d.eof or d.unused_data or len(raw) != size:
+                raise ProtocolError("compressed payload is truncated or has trailing bytes")
         except zstandard.ZstdError as e:
             raise ProtocolError(f"bad zstd payload: {e}") from e
     elif codec == CODEC_NONE:
@@ -127,7 +131,7 @@ def _unframe(body: bytes) -> Any:
             strict_map_key=False,
             max_bin_len=MAX_RAW,
             max_str_len=4096,
-            max_array_len=1 << 24,
+            max_array_len=max_array,
             max_map_len=64,
             max_ext_len=0,
         )
@@ -332,7 +336,7 @@ def encode_base(b: Base) -> bytes:
 
 
 def decode_base(body: bytes) -> Base:
-    o = _unframe(body)
+    o = _unframe(body, max_array=MAX_BASE_CHUNKS)
     if not isinstance(o, dict) or set(o) != {"stream", "seq", "ts", "volumes"}:
         raise ProtocolError("base: expected keys stream, seq, ts, volumes")
     stream = _dec_stream(o["stream"])
@@ -344,7 +348,7 @@ def decode_base(body: bytes) -> Base:
         if len(v) != 2:
             raise ProtocolError("base volume: malformed")
         chunks: dict[int, bytes] = {}
-        for x in _list(v[1], "base chunks", 1 << 24):
+        for x in _list(v[1], "base chunks", MAX_BASE_CHUNKS):
             x = _list(x, "base chunk", 2)
             if len(x) != 2:
                 raise ProtocolError("base chunk: malformed")

@@ -73,7 +73,9 @@ def primary(tmp_path: Path) -> Iterator[Journal]:
         j.close()
 
 
-def random_writes(j: Journal, rng: random.Random, n: int, *, checkpoint_every: int = 0) -> list[int]:
+def random_writes(
+    j: Journal, rng: random.Random, n: int, *, checkpoint_every: int = 0
+) -> list[int]:
     """Writes, zeroes and checkpoints of mixed sizes; returns the seqs of the checkpoints."""
     cps = []
     vols = [("vm1-disk0", 8 << 20), ("vm1-disk1", 4 << 20)]
@@ -106,8 +108,8 @@ def target(url: str, name: str = "dr1", **kw: object) -> Target:
     return T(name=name, url=url, token=kw.pop("token", TOKEN), **kw)  # type: ignore[arg-type]
 
 
-async def until(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    end = asyncio.get_running_loop().time() + timeout
+async def until(cond: Callable[[], bool], what: str, limit_s: float = 60.0) -> None:
+    end = asyncio.get_running_loop().time() + limit_s
     while not cond():
         if asyncio.get_running_loop().time() > end:
             raise AssertionError(f"timed out waiting for {what}")
