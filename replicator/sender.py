@@ -156,21 +156,26 @@ class Sender:
 
     # ------------------------------------------------------------------ run
     async def run(self, stop: asyncio.Event) -> None:
+        """Ship until ``stop``; never raises (a replica problem must not stop the daemon)."""
         backoff = 0.2
+        refused_wait = 1.0
         timeout = aiohttp.ClientTimeout(total=self.target.request_timeout_s, connect=10)
         connector = aiohttp.TCPConnector(ssl=self.target.ssl if self.target.ssl else False)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
             while not stop.is_set():
                 try:
                     await self._stream(http, stop)
-                    backoff = 0.2
+                    backoff, refused_wait = 0.2, 1.0
                 except SenderStopped as e:
+                    # retried with a growing pause: a token being rotated, or a damaged
+                    # request on a plain-HTTP link, must not stop replication for good
                     self.state, self.detail = "refused", str(e)
                     log.error(
                         "replica refused the stream",
                         extra={"replica": self.target.name, "group": self.group, "err": str(e)},
                     )
-                    await _wait(stop, 30.0)
+                    await _wait(stop, refused_wait)
+                    refused_wait = min(refused_wait * 2, 30.0)
                 except (Retry, aiohttp.ClientError, TimeoutError, ConnectionError, OSError) as e:
                     self.state, self.detail = "disconnected", f"{type(e).__name__}: {e}"
                     self.stats.reconnects += 1
@@ -195,7 +200,26 @@ class Sender:
                     # repair: capture goes on; ship again once it is back
                     self.state, self.detail = "journal-unavailable", str(e)
                     await _wait(stop, 1.0)
-        await asyncio.to_thread(self._save_hold, force=True)
+                except (ValueError, KeyError, TypeError) as e:
+                    # an answer that is not what the protocol says (damaged on a plain-HTTP
+                    # link, or a receiver bug): reconnect and ask for the position again
+                    self.state, self.detail = "disconnected", f"bad answer: {e}"
+                    self.stats.reconnects += 1
+                    log.warning(
+                        "receiver answered something unexpected; resuming",
+                        extra={"replica": self.target.name, "group": self.group, "err": str(e)},
+                    )
+                    await _wait(stop, backoff * (0.5 + random.random()))
+                    backoff = min(backoff * 2, 5.0)
+                except Exception:
+                    self.state, self.detail = "error", "internal error (see the log)"
+                    log.exception(
+                        "replication failed unexpectedly; retrying",
+                        extra={"replica": self.target.name, "group": self.group},
+                    )
+                    await _wait(stop, 5.0)
+        with contextlib.suppress(JournalError):
+            await asyncio.to_thread(self._save_hold, force=True)
 
     # ------------------------------------------------------------------ protocol
     def _url(self, what: str) -> str:
