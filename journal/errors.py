@@ -12,6 +12,8 @@ Tree::
      ├── JournalClosed       use after close()
      ├── OutOfOrder          replicated records that do not start at the next seq
      ├── BlocksNeeded        replicated records naming blocks neither sent nor stored
+     ├── NoSuchSnapshot      a snapshot name the journal does not know
+     ├── SnapshotLocked      deleting a snapshot before its lock expires
      └── StorageError        the OS refused a write/fsync (EIO, ENOSPC): fail-stop, never retried
 
 Integrity errors (SegmentCorrupt, BlockCorrupt) are deliberately not subclasses of the
@@ -124,3 +126,21 @@ class BlocksNeeded(JournalError):
             f"{len(block_ids)} referenced blocks are neither in the batch nor in the store"
         )
         self.block_ids = block_ids
+
+
+class NoSuchSnapshot(JournalError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no snapshot named {name!r}", hint="list them with `cdp snapshot list`")
+        self.name = name
+
+
+class SnapshotLocked(JournalError):
+    """A locked snapshot cannot be deleted or pruned before its lock expires, by any path."""
+
+    def __init__(self, name: str, until_ns: int) -> None:
+        super().__init__(
+            f"snapshot {name!r} is locked until {until_ns} (ns since the epoch)",
+            hint="a lock can be extended, never shortened; wait until it expires",
+        )
+        self.name = name
+        self.until_ns = until_ns

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import uuid as uuidlib
 from array import array
@@ -22,7 +23,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import codec
 from .blockstore import MAX_BLOCK, BlockStore, block_id
@@ -31,11 +32,13 @@ from .errors import (
     BlocksNeeded,
     JournalClosed,
     JournalError,
+    NoSuchSnapshot,
     NoSuchVolume,
     OutOfOrder,
     PointNotRetained,
     SegmentCorrupt,
     SegmentHeaderTorn,
+    SnapshotLocked,
     StorageError,
 )
 from .index import Index, SegmentEntry
@@ -66,6 +69,7 @@ from .types import (
     Record,
     RecoveryReport,
     Seq,
+    Snapshot,
     VolumeRecord,
     Window,
     WriteRecord,
@@ -74,6 +78,7 @@ from .types import (
 from .volmap import BlockCache, Extent, Inline, VolumeMap
 
 FORMAT_VERSION = 1
+_SNAP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +169,8 @@ class Journal:
         self.history_short = False
         self.released_holds: list[Hold] = []
         self.recovery = RecoveryReport(0, 0)
+        self._snaps: dict[str, Snapshot] = {}
+        self._snap_maps: dict[str, dict[str, tuple[int, dict[int, BlockRef]]]] = {}
         self.index: Index
         self.store: BlockStore
 
@@ -256,6 +263,7 @@ class Journal:
         pack_torn = self.store.recover()
         self._load_base()
         self._load_holds()
+        self._load_snapshots()
         report = self._recover_segments()
         self.recovery = RecoveryReport(
             report.segments,
@@ -1160,6 +1168,192 @@ class Journal:
             self.base_seq, self.base_ts, self.last_ts = seq, ts, ts
             self.next_seq = seq + 1
 
+    # ------------------------------------------------------------------ snapshots
+    @property
+    def _snap_dir(self) -> str:
+        return os.path.join(self.path, "snapshots")
+
+    def _load_snapshots(self) -> None:
+        p = os.path.join(self.path, "snapshots.msgpack")
+        if not self.storage.exists(p):
+            return
+        for d in codec.unpack_obj(self.storage.read_all(p)):
+            s = Snapshot(
+                d["name"], Seq(d["seq"]), d["ts"], d["created"], d["locked_until"], d["kind"],
+                d["materialized"],
+            )  # fmt: skip
+            self._snaps[s.name] = s
+            if s.materialized:
+                m = codec.unpack_obj(self.storage.read_all(self._snap_path(s.name)))
+                self._snap_maps[s.name] = {
+                    name: (
+                        int(v["size"]),
+                        {
+                            int(c): BlockRef(BlockId(r[0]), r[1], r[2], r[3])
+                            for c, r in v["chunks"].items()
+                        },
+                    )
+                    for name, v in m["volumes"].items()
+                }
+
+    def _snap_path(self, name: str) -> str:
+        return os.path.join(self._snap_dir, f"{name}.manifest")
+
+    def _save_snapshots(self) -> None:
+        write_atomic(
+            self.storage,
+            os.path.join(self.path, "snapshots.msgpack"),
+            codec.pack_obj(
+                [
+                    {
+                        "name": s.name,
+                        "seq": s.seq,
+                        "ts": s.ts,
+                        "created": s.created_ts,
+                        "locked_until": s.locked_until,
+                        "kind": s.kind,
+                        "materialized": s.materialized,
+                    }
+                    for s in self._snaps.values()
+                ]
+            ),
+        )
+
+    def create_snapshot(
+        self, name: str, seq: int | None = None, *, kind: str = "manual", locked_until: int = 0
+    ) -> Snapshot:
+        """Keep the point ``seq`` (default: latest) beyond the journal window."""
+        if not _SNAP_NAME.fullmatch(name):
+            raise ValueError("snapshot names are 1-64 letters, digits, '.', '_' or '-'")
+        with self._maint_lock:
+            self._check_open()
+            if name in self._snaps:
+                raise ValueError(f"a snapshot named {name!r} exists")
+            at = self.window().last_seq if seq is None else seq
+            self._check_point(at)
+            s = Snapshot(name, Seq(at), self.ts_of(at), self.clock(), locked_until, kind)
+            self._snaps[name] = s
+            self._save_snapshots()
+            return s
+
+    def snapshots(self) -> list[Snapshot]:
+        return sorted(list(self._snaps.values()), key=lambda s: (s.seq, s.created_ts))
+
+    def find_snapshot(self, name: str) -> Snapshot:
+        s = self._snaps.get(name)
+        if s is None:
+            raise NoSuchSnapshot(name)
+        return s
+
+    def lock_snapshot(self, name: str, until_ns: int) -> Snapshot:
+        """Lock until ``until_ns``; a lock is only ever extended, never shortened."""
+        with self._maint_lock:
+            s = self.find_snapshot(name)
+            if until_ns > s.locked_until:
+                s = replace(s, locked_until=until_ns)
+                self._snaps[name] = s
+                self._save_snapshots()
+            return s
+
+    def delete_snapshot(self, name: str, *, now_ns: int | None = None) -> None:
+        """Forget a snapshot (its blocks go at the next collection). Refused while locked."""
+        now = self.clock() if now_ns is None else now_ns
+        with self._maint_lock:
+            s = self.find_snapshot(name)
+            if s.locked_until > now:
+                raise SnapshotLocked(name, s.locked_until)
+            del self._snaps[name]
+            self._snap_maps.pop(name, None)
+            self._save_snapshots()
+            if s.materialized:
+                self.storage.remove(self._snap_path(name))
+                self.storage.sync_dir(self._snap_dir)
+
+    def snapshot_point(self, name: str) -> tuple[int, bool]:
+        """(seq, in_window): a snapshot inside the window reads through the journal."""
+        s = self.find_snapshot(name)
+        return int(s.seq), not s.materialized
+
+    def read_snapshot_into(
+        self, name: str, volume: str, offset: int, out: memoryview, cache: BlockCache | None = None
+    ) -> None:
+        """Bytes of ``volume`` as of snapshot ``name`` (zeroed buffer, like read_into)."""
+        s = self.find_snapshot(name)
+        if not s.materialized:
+            self.read_into(volume, offset, out, s.seq, cache)
+            return
+        vols = self._snap_maps[name]
+        if volume not in vols:
+            raise NoSuchVolume(volume)
+        size, chunks = vols[volume]
+        if offset < 0 or offset + len(out) > size:
+            raise ValueError(f"read [{offset}, {offset + len(out)}) outside volume {volume!r}")
+        vm = VolumeMap(volume, size, self.opts.chunk_size)
+        vm.base = chunks
+        vm.read_into(out, offset, 0, cache or self.new_cache())
+
+    def snapshot_volume_size(self, name: str, volume: str) -> int:
+        s = self.find_snapshot(name)
+        if s.materialized:
+            if volume not in self._snap_maps[name]:
+                raise NoSuchVolume(volume)
+            return self._snap_maps[name][volume][0]
+        return self.volume_size(volume)
+
+    def _materialize(self, s: Snapshot) -> None:
+        """Write down the content at ``s.seq`` as a manifest before folding passes it.
+
+        Chunks no version touched since the base keep the base's block; the others are
+        read at the snapshot's seq and stored (deduplicated: usually no new data).
+        """
+        cs = self.opts.chunk_size
+        vols: dict[str, tuple[int, dict[int, BlockRef]]] = {}
+        with self._map_lock:
+            maps = list(self.volumes.values())
+        for vm in maps:
+            with self._map_lock:
+                touched = sorted(c for c, lst in vm.chunks.items() if lst and lst[0].seq <= s.seq)
+                chunks = dict(vm.base)
+            cache = self.new_cache()
+            for c in touched:
+                n = min(cs, vm.size - c * cs)
+                if n <= 0:
+                    chunks.pop(c, None)
+                    continue
+                buf = bytearray(n)
+                with self._map_lock:
+                    vm.read_into(memoryview(buf), c * cs, s.seq, cache)
+                if any(buf):
+                    chunks[c] = self.store.put_many([bytes(buf)])[0]
+                else:
+                    chunks.pop(c, None)
+            vols[vm.name] = (vm.size, chunks)
+        self.store.flush()
+        self.storage.makedirs(self._snap_dir)
+        write_atomic(
+            self.storage,
+            self._snap_path(s.name),
+            codec.pack_obj(
+                {
+                    "seq": s.seq,
+                    "volumes": {
+                        name: {
+                            "size": size,
+                            "chunks": {
+                                c: [r.block_id, r.length, r.pack, r.pack_offset]
+                                for c, r in chunks.items()
+                            },
+                        }
+                        for name, (size, chunks) in vols.items()
+                    },
+                }
+            ),
+        )
+        self.storage.sync_dir(self._snap_dir)
+        self._snap_maps[s.name] = vols
+        self._snaps[s.name] = replace(s, materialized=True)
+        self._save_snapshots()
+
     # ------------------------------------------------------------------ sealing
     def seal_pending(self, max_segments: int = 1) -> int:
         """Move the data of rolled hot segments into the block store; returns segments sealed.
@@ -1359,6 +1553,9 @@ class Journal:
 
     def _fold(self, folded: list[_Seg]) -> int:
         fold_seq = folded[-1].last_seq
+        for snap in sorted(self._snaps.values(), key=lambda x: x.seq):
+            if not snap.materialized and snap.seq <= fold_seq:
+                self._materialize(snap)  # before the versions it reads are folded away
         fold_ts = folded[-1].last_ts if folded[-1].records else self.base_ts
         cs = self.opts.chunk_size
         new_bases: dict[str, dict[int, BlockRef | None]] = {}
@@ -1436,6 +1633,9 @@ class Journal:
 
     def _live_blocks(self) -> set[bytes]:
         live: set[bytes] = set()
+        for vols in self._snap_maps.values():  # snapshots share blocks with everything else
+            for _, chunks in vols.values():
+                live.update(r.block_id for r in chunks.values())
         with self._map_lock:
             for vm in self.volumes.values():
                 live.update(r.block_id for r in vm.base.values())

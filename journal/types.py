@@ -107,6 +107,25 @@ class Hold:
 
 
 @dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A retained point that outlives the journal window.
+
+    While ``seq`` is inside the window it reads through the journal; when retention folds
+    past it, its content is first written down as a manifest (chunk -> block, sharing blocks
+    with everything else), so it stays exact. ``locked_until`` (ns, 0: not locked): before
+    then no path can delete it.
+    """
+
+    name: str
+    seq: Seq
+    ts: int
+    created_ts: int
+    locked_until: int = 0
+    kind: str = "manual"
+    materialized: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Window:
     """The retained history: any seq in [first_seq, last_seq] can be read exactly."""
 
