@@ -458,11 +458,11 @@ def test_render_status_keeps_unknown_fields() -> None:
     doc = json.loads(json.dumps(REAL_STATUS))
     doc["site"] = "primary"
     doc["volumes"][0]["lag_ns"] = 5
-    doc["groups"][0]["replicas"] = ["dr1"]
+    doc["groups"][0]["failover"] = ["dr1"]
     text = render_status(doc)
     assert "site: primary" in text
     assert "LAG_NS" in text
-    assert any(line.split() == ["replicas:", '["dr1"]'] for line in text.splitlines())
+    assert any(line.split() == ["failover:", '["dr1"]'] for line in text.splitlines())
 
 
 def test_render_status_empty_daemon() -> None:
