@@ -1168,6 +1168,31 @@ class Journal:
             self.base_seq, self.base_ts, self.last_ts = seq, ts, ts
             self.next_seq = seq + 1
 
+    def changed_since(self, volume: str, seq: int) -> list[int]:
+        """Chunks of ``volume`` written after ``seq`` (what a rollback to it must rewrite).
+
+        From the version maps: the cost follows the history kept, never the volume size.
+        """
+        self._check_point(seq)
+        with self._map_lock:
+            vm = self._vol(volume)
+            return sorted(c for c, lst in vm.chunks.items() if lst and lst[-1].seq > seq)
+
+    def changed_since_snapshot(self, name: str, volume: str) -> list[int]:
+        """Chunks of ``volume`` that may differ between snapshot ``name`` and latest."""
+        s = self.find_snapshot(name)
+        if not s.materialized:
+            return self.changed_since(volume, s.seq)
+        _, chunks = self._snap_maps[name].get(volume, (0, {}))
+        with self._map_lock:
+            vm = self._vol(volume)
+            out = {c for c, lst in vm.chunks.items() if lst}
+            for c in set(vm.base) | set(chunks):
+                a, b = vm.base.get(c), chunks.get(c)
+                if (a.block_id if a else None) != (b.block_id if b else None):
+                    out.add(c)
+        return sorted(out)
+
     # ------------------------------------------------------------------ snapshots
     @property
     def _snap_dir(self) -> str:

@@ -24,6 +24,8 @@ from cdp.cli import (
     journal_cmd,
     replica_cmd,
     restore_cmd,
+    rollback_cmd,
+    snapshot_cmd,
     status_cmd,
     verify_cmd,
 )
@@ -61,6 +63,8 @@ _VERBS: Final = (
     replica_cmd,
     status_cmd,
     checkpoint_cmd,
+    snapshot_cmd,
+    rollback_cmd,
     restore_cmd,
     verify_cmd,
     journal_cmd,

@@ -18,7 +18,14 @@ from aiohttp import ClientConnectionResetError, web
 from cdp.daemon.site import Site, SiteGroup
 from cdp.sockpath import prepare_socket_path, remove_socket
 from cdp.units import Address
-from journal import CheckpointKind, JournalError, PointNotRetained
+from journal import (
+    CheckpointKind,
+    Journal,
+    JournalError,
+    NoSuchSnapshot,
+    PointNotRetained,
+    Snapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +162,13 @@ def _resolve_when(g: SiteGroup, when: object) -> int:
             )
         return int(cp.seq)
     if kind == "snapshot":
-        raise ApiError(
-            404,
-            "snapshots are not available yet in this version",
-            hint="use a checkpoint, a time or a seq",
-        )
+        sid = when.get("id")
+        if not isinstance(sid, str) or not sid:
+            raise ApiError(400, "when.id: expected a snapshot id")
+        try:
+            return int(j.find_snapshot(sid).seq)
+        except NoSuchSnapshot as e:
+            raise ApiError(404, str(e), hint="list them with `cdp snapshot list VOLUME`") from e
     raise ApiError(400, f"when.kind: unknown kind {kind!r}")
 
 
@@ -207,18 +216,29 @@ async def resolve(request: web.Request) -> web.Response:
         raise ApiError(400, "volume: required")
     g = _target(d, {"volume": doc["volume"]})
     seq = await asyncio.to_thread(resolve_when, g, doc.get("when"))
-    ts = await asyncio.to_thread(_ts_of, g, seq)
     vol = doc["volume"]
-    return _reply(
-        200,
-        {
-            "group": g.name,
-            "volume": vol,
-            "seq": seq,
-            "ts_ns": ts,
-            "size": g.journal.volume_size(vol),
-        },
-    )
+    snap = _materialized_at(g.journal, seq)
+    if snap is not None:  # a snapshot older than the journal window
+        ts, size = snap.ts, g.journal.snapshot_volume_size(snap.name, vol)
+    else:
+        ts, size = await asyncio.to_thread(_ts_of, g, seq), g.journal.volume_size(vol)
+    doc_out: dict[str, Any] = {
+        "group": g.name,
+        "volume": vol,
+        "seq": seq,
+        "ts_ns": ts,
+        "size": size,
+    }
+    if snap is not None:
+        doc_out["snapshot"] = snap.name
+    return _reply(200, doc_out)
+
+
+def _materialized_at(j: Journal, seq: int) -> Snapshot | None:
+    """The snapshot that alone still holds ``seq`` (folded out of the journal window)."""
+    if seq >= j.window().first_seq:
+        return None
+    return next((s for s in j.snapshots() if s.seq == seq and s.materialized), None)
 
 
 def _ts_of(g: SiteGroup, seq: int) -> int:
@@ -235,8 +255,11 @@ async def image(request: web.Request) -> web.StreamResponse:
         seq = int(request.query.get("seq", ""))
     except ValueError as e:
         raise ApiError(400, "seq: expected an integer query parameter") from e
-    resolve_when(g, {"kind": "seq", "seq": seq})
     j = g.journal
+    snap = _materialized_at(j, seq)
+    if snap is not None:
+        return await _snapshot_image(request, j, snap, vol)
+    resolve_when(g, {"kind": "seq", "seq": seq})
     size = j.volume_size(vol)
     hold = f"{IMAGE_HOLD_PREFIX}{vol}:{id(request)}"
     await asyncio.to_thread(j.set_hold, "export", hold, seq)  # retention must not fold it away
@@ -259,6 +282,31 @@ async def image(request: web.Request) -> web.StreamResponse:
         return resp
     finally:
         await asyncio.to_thread(j.release_hold, "export", hold)
+
+
+async def _snapshot_image(
+    request: web.Request, j: Journal, snap: Snapshot, vol: str
+) -> web.StreamResponse:
+    """Stream a volume from a snapshot's manifest (its blocks stay live while it exists)."""
+    size = j.snapshot_volume_size(snap.name, vol)
+    resp = web.StreamResponse(
+        headers={"Content-Type": "application/octet-stream", "X-Cdp-Seq": str(snap.seq)}
+    )
+    resp.content_length = size
+    await resp.prepare(request)
+    cache = j.new_cache()
+    try:
+        for off in range(0, size, STREAM_CHUNK):
+            n = min(STREAM_CHUNK, size - off)
+            buf = bytearray(n)
+            await asyncio.to_thread(
+                j.read_snapshot_into, snap.name, vol, off, memoryview(buf), cache
+            )
+            await resp.write(bytes(buf))
+        await resp.write_eof()
+    except (ConnectionResetError, ClientConnectionResetError):
+        log.info("image download abandoned by the reader", extra={"volume": vol})
+    return resp
 
 
 async def rebuild_index(request: web.Request) -> web.Response:
@@ -325,6 +373,9 @@ def make_app(daemon: Site) -> web.Application:
     app.router.add_get("/v1/volumes/{name}/image", image)
     app.router.add_post("/v1/journal/rebuild-index", rebuild_index)
     app.router.add_post("/v1/replica/verify", verify_replica)
+    from cdp.daemon import api_recover
+
+    api_recover.add_routes(app)
     return app
 
 

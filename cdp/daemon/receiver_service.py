@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from cdp.config import Config, ReceiverConfig
+from cdp.daemon.snapshots import grid_enabled, snapshot_round
 from cdp.sockpath import prepare_socket_path, remove_socket
 from journal import JournalOptions, wall_clock
 from journal.clock import Clock
@@ -184,6 +185,7 @@ class ReceiverService:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._sealer(stop), name="replica-sealer")
                     tg.create_task(self._retention(stop), name="replica-retention")
+                    tg.create_task(self._snapshots(stop), name="replica-snapshots")
                     self.ready.set()
                     log.info(
                         "receiver ready",
@@ -224,6 +226,19 @@ class ReceiverService:
                     except Exception as e:
                         log.error("replica sealing failed", extra={"group": g.name, "err": str(e)})
             await _wait(stop, 0.05 if busy else 0.5)
+
+    async def _snapshots(self, stop: asyncio.Event) -> None:
+        """The DR site's own snapshot schedule and plan, over every replica journal."""
+        grid = self.config.retention.snapshots
+        if not grid_enabled(grid):
+            return
+        while not stop.is_set():
+            for g in list(self.receiver.groups.values()):
+                try:
+                    await asyncio.to_thread(snapshot_round, g.journal, grid, self._clock(), g.name)
+                except Exception as e:
+                    log.error("replica snapshots failed", extra={"group": g.name, "err": str(e)})
+            await _wait(stop, 30.0)
 
     async def _retention(self, stop: asyncio.Event) -> None:
         r = self.config.retention

@@ -24,6 +24,7 @@ from cdp.capture.hashscan import HashScanner
 from cdp.capture.splitter import CleanMarker, onboard_export
 from cdp.config import Config, NbdSource, NbdTlsMode, ScanSource, VolumeConfig
 from cdp.daemon.replication import make_senders, make_targets, replica_alerts
+from cdp.daemon.snapshots import grid_enabled, snapshot_round
 from cdp.nbd.export import Export, ExportSet
 from cdp.nbd.server import NbdServer, server_tls_context
 from journal import CheckpointKind, Journal, JournalOptions, wall_clock
@@ -75,8 +76,10 @@ class Daemon:
         clock: Clock = wall_clock,
         journal_options: JournalOptions | None = None,
         retention_interval_s: float = 60.0,
+        snapshot_interval_s: float = 30.0,
     ) -> None:
         self.config = config
+        self.snapshot_interval_s = snapshot_interval_s
         self.clock = clock
         self.journal_options = journal_options or JournalOptions()
         self.retention_interval_s = retention_interval_s
@@ -107,6 +110,7 @@ class Daemon:
             try:
                 async with asyncio.TaskGroup() as tg:
                     for g in self.groups.values():
+                        tg.create_task(self._snapshots(g, stop), name=f"snapshots:{g.name}")
                         tg.create_task(self._sealer(g, stop), name=f"sealer:{g.name}")
                         tg.create_task(self._retention(g, stop), name=f"retention:{g.name}")
                         tg.create_task(self._repair(g, stop), name=f"repair:{g.name}")
@@ -234,6 +238,19 @@ class Daemon:
                 log.exception("closing journal failed", extra={"group": g.name})
 
     # ------------------------------------------------------------------ jobs
+    async def _snapshots(self, g: Group, stop: asyncio.Event) -> None:
+        """The snapshot schedule and its retention plan, every ``snapshot_interval_s``."""
+        grid = self.config.retention.snapshots
+        if not grid_enabled(grid):
+            return
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(snapshot_round, g.journal, grid, self.clock(), g.name)
+            except Exception as e:  # a failed round is retried; capture goes on
+                log.error("snapshot schedule failed", extra={"group": g.name, "err": str(e)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.snapshot_interval_s)
+
     async def _sealer(self, g: Group, stop: asyncio.Event) -> None:
         """Move data of rolled segments into the block store, off the write path.
 

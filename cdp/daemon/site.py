@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from cdp.config import Config
 from journal import Journal
 from journal.clock import Clock
 
@@ -31,6 +32,9 @@ class SiteVolume(Protocol):
 
 
 class Site(Protocol):
+    @property
+    def config(self) -> Config: ...
+
     @property
     def groups(self) -> Mapping[str, SiteGroup]: ...
 

@@ -1,0 +1,257 @@
+"""Recovery endpoints of the control API: snapshots (and, with them, their locks and plan).
+
+Kept apart from ``api.py`` so each file reads as one concern; the routes are added by
+``api.make_app``. A snapshot belongs to a consistency group (it names one seq of the group's
+journal), so the requests name a volume or a group like the checkpoint request does.
+Locks are enforced by the journal itself (``Journal.delete_snapshot``), so no path here, or
+anywhere else, can delete a locked snapshot early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from cdp.daemon.api import DAEMON_KEY, ApiError, _body, _reply, _str, _target, resolve_when
+from cdp.daemon.rollback import apply_volume, mark, plan
+from cdp.nbd.export import Export
+from cdp.snapshot_plan import SnapshotInfo, plan_retention
+from journal import Journal, NoSuchSnapshot, Snapshot, SnapshotLocked
+
+log = logging.getLogger(__name__)
+
+
+def snapshot_doc(group: str, s: Snapshot) -> dict[str, Any]:
+    return {
+        "group": group,
+        "name": s.name,
+        "seq": s.seq,
+        "ts_ns": s.ts,
+        "created_ns": s.created_ts,
+        "locked_until_ns": s.locked_until,
+        "kind": s.kind,
+        "materialized": s.materialized,
+    }
+
+
+def _int(doc: dict[str, Any], key: str, *, required: bool = False) -> int | None:
+    v = doc.get(key)
+    if v is None and not required:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ApiError(400, f"{key}: expected a non-negative integer")
+    return v
+
+
+async def list_snapshots(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    q = {k: v for k, v in request.query.items() if k in ("volume", "group")}
+    groups = [_target(d, q)] if q else list(d.groups.values())
+    out = [snapshot_doc(g.name, s) for g in groups for s in g.journal.snapshots()]
+    return _reply(200, {"snapshots": out})
+
+
+async def create_snapshot(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    doc = await _body(request)
+    g = _target(d, doc)
+    seq = None
+    if doc.get("when") is not None:
+        seq = await asyncio.to_thread(resolve_when, g, doc["when"])
+    now = d.clock()
+    name = _str(doc, "name", required=False) or f"snap-{now // 10**9}"
+    lock_for = _int(doc, "lock_ns")
+    until = now + lock_for if lock_for else 0
+    try:
+        s = await asyncio.to_thread(
+            g.journal.create_snapshot, name, seq, kind="manual", locked_until=until
+        )
+    except ValueError as e:
+        raise ApiError(400, str(e)) from e
+    log.info("snapshot created", extra={"group": g.name, "snapshot": name, "seq": s.seq})
+    return _reply(200, snapshot_doc(g.name, s))
+
+
+async def delete_snapshot(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    doc = await _body(request)
+    g = _target(d, doc)
+    name = _str(doc, "name")
+    assert name is not None
+    try:
+        await asyncio.to_thread(g.journal.delete_snapshot, name)
+    except NoSuchSnapshot as e:
+        raise ApiError(404, str(e), hint=e.hint) from e
+    except SnapshotLocked as e:
+        raise ApiError(409, str(e), hint=e.hint, locked_until_ns=e.until_ns) from e
+    log.info("snapshot deleted", extra={"group": g.name, "snapshot": name})
+    return _reply(200, {"group": g.name, "name": name, "deleted": True})
+
+
+async def lock_snapshot(request: web.Request) -> web.Response:
+    d = request.app[DAEMON_KEY]
+    doc = await _body(request)
+    g = _target(d, doc)
+    name = _str(doc, "name")
+    assert name is not None
+    until = _int(doc, "until_ns")
+    lock_for = _int(doc, "lock_ns")
+    if (until is None) == (lock_for is None):
+        raise ApiError(400, "name exactly one of until_ns or lock_ns")
+    until = until if until is not None else d.clock() + (lock_for or 0)
+    try:
+        s = await asyncio.to_thread(g.journal.lock_snapshot, name, until)
+    except NoSuchSnapshot as e:
+        raise ApiError(404, str(e), hint=e.hint) from e
+    log.info("snapshot locked", extra={"group": g.name, "snapshot": name, "until": s.locked_until})
+    return _reply(200, snapshot_doc(g.name, s))
+
+
+async def prune_snapshots(request: web.Request) -> web.Response:
+    """Apply the retention plan (``dry_run``: only show it). Locked snapshots always stay."""
+    d = request.app[DAEMON_KEY]
+    doc = await _body(request)
+    g = _target(d, doc)
+    dry = bool(doc.get("dry_run", False))
+    grid = d.config.retention.snapshots
+    now = d.clock()
+    snaps = g.journal.snapshots()
+    plan = plan_retention(
+        [SnapshotInfo(s.name, s.ts, s.kind, s.locked_until) for s in snaps], grid, now
+    )
+    deleted, refused = [], []
+    if not dry:
+        for name in plan.deletes():
+            try:
+                await asyncio.to_thread(g.journal.delete_snapshot, name, now_ns=now)
+                deleted.append(name)
+            except SnapshotLocked:
+                refused.append(name)  # never: the plan keeps locked ones; the journal agrees
+    return _reply(
+        200,
+        {
+            "group": g.name,
+            "dry_run": dry,
+            "plan": [
+                {"name": e.name, "action": e.action, "reason": e.reason} for e in plan.entries
+            ],
+            "deleted": deleted,
+            "refused": refused,
+        },
+    )
+
+
+def _nearest(j: Journal, seq: int) -> dict[str, Any]:
+    """The checkpoints and snapshots just before and after a point, to check the choice."""
+    cps = j.checkpoints()
+    snaps = j.snapshots()
+
+    def cp(c: Any) -> dict[str, Any] | None:
+        return (
+            None
+            if c is None
+            else {"name": c.name, "seq": c.seq, "ts_ns": c.ts, "kind": str(c.kind)}
+        )
+
+    def sp(s: Any) -> dict[str, Any] | None:
+        return None if s is None else {"name": s.name, "seq": s.seq, "ts_ns": s.ts}
+
+    return {
+        "checkpoint_before": cp(next((c for c in reversed(cps) if c.seq <= seq), None)),
+        "checkpoint_after": cp(next((c for c in cps if c.seq > seq), None)),
+        "snapshot_before": sp(next((x for x in reversed(snaps) if x.seq <= seq), None)),
+        "snapshot_after": sp(next((x for x in snaps if x.seq > seq), None)),
+    }
+
+
+async def rollback(request: web.Request) -> web.Response:
+    """Revert the live volumes of a group to a point (``dry_run``: only say what it would do)."""
+    from cdp.daemon.service import Daemon
+
+    d = request.app[DAEMON_KEY]
+    doc = await _body(request)
+    g = _target(d, doc)
+    if not isinstance(d, Daemon):
+        raise ApiError(
+            409,
+            "the DR site has no live volume to roll back",
+            hint="restore or export the point here (cdp restore / cdp export), or fail over",
+        )
+    when = doc.get("when")
+    seq = await asyncio.to_thread(resolve_when, g, when)
+    j = g.journal
+    snapshot = None
+    if isinstance(when, dict) and when.get("kind") == "snapshot":
+        s = j.find_snapshot(str(when.get("id")))
+        snapshot = s.name if s.materialized else None
+    vols = [v for v in d.volumes.values() if v.group is g]
+    not_nbd = [v.config.name for v in vols if v.export is None]
+    if not_nbd:
+        raise ApiError(
+            409,
+            f'rollback needs volumes served by cdp (source = "nbd"): {", ".join(not_nbd)}',
+            hint="restore the point to a file instead (cdp restore)",
+        )
+    p = await asyncio.to_thread(plan, j, g.name, [v.config.name for v in vols], seq, snapshot)
+    connected = {v.config.name: len(v.export.connections) for v in vols if v.export is not None}
+    out: dict[str, Any] = {**p.doc(), "connected": connected, "nearest": _nearest(j, seq)}
+    if doc.get("dry_run"):
+        return _reply(200, {**out, "dry_run": True})
+    busy = {k: n for k, n in connected.items() if n}
+    if busy and not doc.get("force"):
+        raise ApiError(
+            409,
+            "NBD clients are connected to "
+            + ", ".join(f"{k} ({n})" for k, n in busy.items())
+            + ": rolling a disk back under a running guest corrupts it",
+            hint="shut the VM down first, or --force to disconnect it (then restart the VM)",
+        )
+    hidden: list[tuple[Any, str, Export]] = []
+    t = d.clock() // 10**9
+    try:
+        for v in vols:
+            ex = v.export
+            assert ex is not None
+            for srv in d.nbd_servers:  # no new client until the rollback is done
+                if srv.exports.exports.get(ex.name) is ex:
+                    del srv.exports.exports[ex.name]
+                    hidden.append((srv.exports, ex.name, ex))
+            for c in list(ex.connections):
+                c._close()  # type: ignore[attr-defined]
+        pre = await asyncio.to_thread(mark, j, f"pre-rollback-{t}")
+        for v, vp in zip(vols, p.volumes, strict=True):
+            assert v.export is not None
+            await asyncio.to_thread(apply_volume, j, p, vp, v.export)
+            await v.export.flush()
+        post = await asyncio.to_thread(mark, j, f"rolled-back-{t}")
+    finally:
+        for es, name, ex in hidden:
+            es.exports[name] = ex
+    log.warning(
+        "volumes rolled back",
+        extra={"group": g.name, "to_seq": seq, "bytes": p.changed_bytes, "pre_seq": pre},
+    )
+    return _reply(
+        200,
+        {
+            **out,
+            "dry_run": False,
+            "pre_checkpoint": f"pre-rollback-{t}",
+            "pre_seq": pre,
+            "post_checkpoint": f"rolled-back-{t}",
+            "post_seq": post,
+            "disconnected": busy,
+        },
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/rollback", rollback)
+    app.router.add_get("/v1/snapshots", list_snapshots)
+    app.router.add_post("/v1/snapshots", create_snapshot)
+    app.router.add_post("/v1/snapshots/delete", delete_snapshot)
+    app.router.add_post("/v1/snapshots/lock", lock_snapshot)
+    app.router.add_post("/v1/snapshots/prune", prune_snapshots)
