@@ -65,6 +65,10 @@ class ApiClient:
         """POST *body* as JSON to *path* and return the JSON object it answers."""
         return await self._request("POST", path, body)
 
+    async def delete(self, path: str) -> dict[str, object]:
+        """DELETE *path* and return the JSON object it answers."""
+        return await self._request("DELETE", path, None)
+
     async def download(
         self,
         path: str,

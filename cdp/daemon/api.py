@@ -190,6 +190,11 @@ async def checkpoint(request: web.Request) -> web.Response:
     name = _str(doc, "name", required=False) or f"cp-{d.clock() // 10**9}"
     if len(name) > 200:
         raise ApiError(400, "name: at most 200 characters")
+    want_consistent = doc.get("consistent", False)
+    if not isinstance(want_consistent, bool):
+        raise ApiError(400, "consistent: expected true or false")
+    if want_consistent and "kind" in doc:
+        raise ApiError(400, "kind: not with consistent (the freeze decides: app, else crash)")
     kind_s = doc.get("kind", "crash")
     try:
         kind = CheckpointKind(kind_s)
@@ -198,15 +203,52 @@ async def checkpoint(request: web.Request) -> web.Response:
             400, f"kind: expected one of crash, app, user, anomaly (got {kind_s!r})"
         ) from e
 
-    def do() -> tuple[int, int]:
+    def do(kind: CheckpointKind) -> tuple[int, int]:
         seq = g.journal.checkpoint(name, kind)
         g.journal.sync()
         cp = g.journal.find_checkpoint(name)
         return seq, cp.ts if cp else 0
 
-    seq, ts = await asyncio.to_thread(do)
-    log.info("checkpoint", extra={"group": g.name, "seq": seq, "checkpoint": name})
-    return _reply(200, {"group": g.name, "seq": seq, "ts_ns": ts, "name": name, "kind": str(kind)})
+    extra: dict[str, Any] = {}
+    if want_consistent:  # issue 6: [hooks] pre_freeze, checkpoint, post_thaw (always)
+        from cdp.daemon import hooks
+
+        hooks_config = getattr(getattr(d, "config", None), "hooks", None)
+        if hooks_config is None:
+            raise ApiError(
+                409,
+                "the daemon's config has no [hooks] table, so it cannot freeze the guest",
+                hint="add [hooks] pre_freeze and post_thaw (docs/config.md), restart the daemon",
+            )
+        members = {n: v for n, v in d.volumes.items() if v.group is g}
+        env = hooks.hook_env(g.name, list(members), name)
+
+        async def take(k: CheckpointKind) -> tuple[int, int]:
+            return await asyncio.to_thread(do, k)
+
+        async with hooks.group_lock(g.name):
+            res = await hooks.consistent(
+                take,
+                hooks_config,
+                env,
+                catch_up=lambda timeout_s: hooks.scans_caught_up(members, timeout_s),
+            )
+        (seq, ts), kind = res.value, res.kind
+        extra = {"consistent": res.consistent}
+        if res.reason is not None:
+            extra["reason"] = res.reason
+        if not res.thaw.ok:
+            extra["thaw_error"] = res.thaw.reason
+    else:
+        seq, ts = await asyncio.to_thread(do, kind)
+    log.info(
+        "checkpoint",
+        extra={"group": g.name, "seq": seq, "checkpoint": name, "kind": str(kind), **extra},
+    )
+    return _reply(
+        200,
+        {"group": g.name, "seq": seq, "ts_ns": ts, "name": name, "kind": str(kind), **extra},
+    )
 
 
 async def resolve(request: web.Request) -> web.Response:
@@ -387,7 +429,7 @@ def release_stale_image_holds(daemon: Site) -> None:
     """
     for g in daemon.groups.values():
         for kind, name in list(g.journal.holds):
-            if kind == "export" and name.startswith(IMAGE_HOLD_PREFIX):
+            if kind == "export" and name.startswith((IMAGE_HOLD_PREFIX, "point-export:")):
                 g.journal.release_hold(kind, name)
                 log.warning("released a stale image hold", extra={"group": g.name, "hold": name})
 

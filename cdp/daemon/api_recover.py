@@ -10,16 +10,24 @@ anywhere else, can delete a locked snapshot early.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import secrets
+from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 
 from cdp.daemon.api import DAEMON_KEY, ApiError, _body, _reply, _str, _target, resolve_when
 from cdp.daemon.rollback import apply_volume, mark, plan
-from cdp.nbd.export import Export
+from cdp.daemon.site import SiteGroup
+from cdp.nbd.export import Export, ExportSet
+from cdp.nbd.point import PointExport
+from cdp.nbd.server import NbdServer
 from cdp.snapshot_plan import SnapshotInfo, plan_retention
-from journal import Journal, NoSuchSnapshot, Snapshot, SnapshotLocked
+from cdp.units import Address, parse_address
+from journal import Journal, JournalError, NoSuchSnapshot, Snapshot, SnapshotLocked
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +256,195 @@ async def rollback(request: web.Request) -> web.Response:
     )
 
 
+@dataclass(slots=True)
+class PointExportRun:
+    """One ``cdp export``: an NBD listener serving a past point of one or more volumes."""
+
+    id: str
+    group: SiteGroup
+    seq: int
+    snapshot: str | None
+    address: Address
+    server: NbdServer
+    exports: list[PointExport]
+    hold: str | None
+    writable: bool
+
+    def doc(self) -> dict[str, Any]:
+        a = self.address
+        uris = {
+            e.name: f"nbd+unix:///{e.name}?socket={a.path}"
+            if a.kind == "unix"
+            else f"nbd://{a.host}:{a.port}/{e.name}"
+            for e in self.exports
+        }
+        return {
+            "id": self.id,
+            "group": self.group.name,
+            "seq": self.seq,
+            "snapshot": self.snapshot,
+            "listen": str(a),
+            "writable": self.writable,
+            "uris": uris,
+            "connections": sum(len(e.connections) for e in self.exports),
+        }
+
+
+EXPORTS_KEY = web.AppKey("point_exports", dict)
+
+
+def _exports(request: web.Request) -> dict[str, PointExportRun]:
+    runs: dict[str, PointExportRun] = request.app[EXPORTS_KEY]
+    return runs
+
+
+def _export_dir(d: Any) -> str:
+    rc = d.config.receiver
+    api: Address = rc.api if d.read_only and rc is not None else d.config.daemon.api
+    if api.kind == "unix" and api.path:
+        return os.path.dirname(os.path.abspath(api.path))
+    return str(rc.state_dir if d.read_only and rc is not None else d.config.daemon.state_dir)
+
+
+async def create_export(request: web.Request) -> web.Response:
+    """Serve a past point over NBD now (reads from the journal; writes to a throwaway overlay)."""
+    d = request.app[DAEMON_KEY]
+    doc = await _body(request)
+    g = _target(d, doc)
+    when = doc.get("when")
+    seq = await asyncio.to_thread(resolve_when, g, when)
+    j = g.journal
+    snapshot = None
+    if isinstance(when, dict) and when.get("kind") == "snapshot":
+        s = j.find_snapshot(str(when.get("id")))
+        snapshot = s.name if s.materialized else None
+    writable = bool(doc.get("writable", False))
+    eid = secrets.token_hex(4)
+    listen = doc.get("listen")
+    try:
+        addr = (
+            parse_address(listen)
+            if isinstance(listen, str)
+            else Address.unix(os.path.join(_export_dir(d), f"export-{eid}.sock"))
+        )
+    except ValueError as e:
+        raise ApiError(400, f"listen: {e}") from e
+    if addr.kind == "tcp" and not addr.is_loopback() and not doc.get("public"):
+        raise ApiError(
+            400, "listen: an export on a non-loopback address serves data unauthenticated",
+            hint="use a unix socket or 127.0.0.1 (then ssh -L), or pass --public",
+        )  # fmt: skip
+    vols = doc.get("volumes")
+    names = [str(doc["volume"])] if doc.get("volume") else sorted(j.status().volumes)
+    if isinstance(vols, list):
+        names = [str(v) for v in vols]
+    overlay_dir = os.path.join(_export_dir(d), f"export-{eid}.overlay")
+    exports: list[PointExport] = []
+
+    def journal_of() -> Journal:
+        return g.journal  # the group's current journal, even if it is reopened meanwhile
+
+    for name in names:
+        size = j.snapshot_volume_size(snapshot, name) if snapshot else j.volume_size(name)
+        if writable:
+            os.makedirs(overlay_dir, mode=0o700, exist_ok=True)
+        exports.append(
+            PointExport(
+                name,
+                size,
+                journal_of,
+                seq=seq,
+                snapshot=snapshot,
+                overlay=os.path.join(overlay_dir, f"{name}.overlay"),
+                writable=writable,
+                chunk_size=j.opts.chunk_size,
+            )
+        )
+    hold = None
+    if snapshot is None:
+        hold = f"point-export:{eid}"
+        await asyncio.to_thread(j.set_hold, "export", hold, seq)  # the point stays readable
+    es = ExportSet({x.name: x for x in exports})
+    server = NbdServer(es)
+    try:
+        for x in exports:
+            await asyncio.to_thread(x.open)
+        if addr.kind == "unix":
+            assert addr.path is not None
+            await server.start_unix(addr.path)
+        else:
+            assert addr.host is not None and addr.port is not None
+            await server.start_tcp(addr.host, addr.port)
+    except OSError as e:
+        for x in exports:
+            x.close()
+        if hold:
+            await asyncio.to_thread(j.release_hold, "export", hold)
+        raise ApiError(409, f"cannot listen on {addr}: {e.strerror or e}") from e
+    run = PointExportRun(eid, g, seq, snapshot, addr, server, exports, hold, writable)
+    _exports(request)[eid] = run
+    log.info("point exported", extra={**run.doc(), "uris": None})
+    return _reply(200, run.doc())
+
+
+async def stop_export(run: PointExportRun) -> None:
+    await run.server.stop()
+    for e in run.exports:
+        await asyncio.to_thread(e.close)
+    if run.exports and run.writable:
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(run.exports[0].image))
+    if run.hold:
+        with contextlib.suppress(JournalError):
+            await asyncio.to_thread(run.group.journal.release_hold, "export", run.hold)
+    log.info("point export stopped", extra={"id": run.id})
+
+
+async def delete_export(request: web.Request) -> web.Response:
+    run = _exports(request).pop(request.match_info["id"], None)
+    if run is None:
+        raise ApiError(404, "no such export")
+    await stop_export(run)
+    return _reply(200, {"id": run.id, "stopped": True})
+
+
+async def list_exports(request: web.Request) -> web.Response:
+    return _reply(200, {"exports": [r.doc() for r in _exports(request).values()]})
+
+
+async def attach_export(request: web.Request) -> web.StreamResponse:
+    """Held open by ``cdp export``: when the command ends (even by kill -9), so does the export."""
+    eid = request.match_info["id"]
+    if eid not in _exports(request):
+        raise ApiError(404, "no such export")
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    await resp.prepare(request)
+    try:
+        while eid in _exports(request):
+            await resp.write(b".")
+            await asyncio.sleep(1.0)
+    except (ConnectionResetError, ClientConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        run = _exports(request).pop(eid, None)
+        if run is not None:
+            await stop_export(run)
+    return resp
+
+
+async def _close_exports(app: web.Application) -> None:
+    for run in list(app[EXPORTS_KEY].values()):
+        await stop_export(run)
+    app[EXPORTS_KEY].clear()
+
+
 def add_routes(app: web.Application) -> None:
+    app[EXPORTS_KEY] = {}
+    app.on_cleanup.append(_close_exports)
+    app.router.add_post("/v1/exports", create_export)
+    app.router.add_get("/v1/exports", list_exports)
+    app.router.add_delete("/v1/exports/{id}", delete_export)
+    app.router.add_get("/v1/exports/{id}/attach", attach_export)
     app.router.add_post("/v1/rollback", rollback)
     app.router.add_get("/v1/snapshots", list_snapshots)
     app.router.add_post("/v1/snapshots", create_snapshot)
