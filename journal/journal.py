@@ -1168,6 +1168,30 @@ class Journal:
             self.base_seq, self.base_ts, self.last_ts = seq, ts, ts
             self.next_seq = seq + 1
 
+    def write_rate(
+        self, since_ns: int, bucket_ns: int, volume: str | None = None
+    ) -> list[tuple[int, int, int]]:
+        """(bucket start, writes, bytes) per ``bucket_ns`` of journal time since ``since_ns``.
+
+        From the version maps: the cost follows the history kept, not the volume size.
+        Zeroes and trims count as writes of their length.
+        """
+        with self._append_lock:
+            base, ts = self.base_seq, self._ts[:]
+        out: dict[int, list[int]] = {}
+        with self._map_lock:
+            maps = [self._vol(volume)] if volume else list(self.volumes.values())
+            exts = [(e.seq, e.length) for vm in maps for e in vm.extents()]
+        for seq, length in exts:
+            i = seq - base - 1
+            if not 0 <= i < len(ts) or ts[i] < since_ns:
+                continue
+            b = ts[i] - (ts[i] - since_ns) % bucket_ns
+            cell = out.setdefault(b, [0, 0])
+            cell[0] += 1
+            cell[1] += length
+        return [(b, c[0], c[1]) for b, c in sorted(out.items())]
+
     def changed_since(self, volume: str, seq: int) -> list[int]:
         """Chunks of ``volume`` written after ``seq`` (what a rollback to it must rewrite).
 

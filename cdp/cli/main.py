@@ -28,6 +28,7 @@ from cdp.cli import (
     rollback_cmd,
     snapshot_cmd,
     status_cmd,
+    timeline_cmd,
     verify_cmd,
 )
 from cdp.cli.common import ArgumentParser, add_common_options, resolve_config_path
@@ -65,6 +66,7 @@ _VERBS: Final = (
     status_cmd,
     checkpoint_cmd,
     snapshot_cmd,
+    timeline_cmd,
     rollback_cmd,
     restore_cmd,
     export_cmd,

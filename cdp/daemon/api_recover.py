@@ -438,7 +438,62 @@ async def _close_exports(app: web.Application) -> None:
     app[EXPORTS_KEY].clear()
 
 
+async def timeline(request: web.Request) -> web.Response:
+    """Checkpoints, snapshots, locks, holds, gaps and a write-rate series since a time."""
+    d = request.app[DAEMON_KEY]
+    vol = request.query.get("volume", "")
+    g = _target(d, {"volume": vol})
+    try:
+        since = int(request.query.get("since_ns", "0"))
+        bucket = max(10**9, int(request.query.get("bucket_ns", str(60 * 10**9))))
+    except ValueError as e:
+        raise ApiError(400, "since_ns, bucket_ns: integers") from e
+    j = g.journal
+    rate = await asyncio.to_thread(j.write_rate, since, bucket, vol)
+    w = j.window()
+    gaps: list[dict[str, Any]] = []
+    v = d.volumes.get(vol)
+    ex = getattr(v, "export", None)
+    for gp in getattr(ex, "gaps", []):
+        if gp.ended_ns is None or gp.ended_ns >= since:
+            gaps.append(
+                {
+                    "started_ns": gp.started_ns,
+                    "ended_ns": gp.ended_ns,
+                    "resumed_seq": gp.resumed_seq,
+                    "reason": gp.reason,
+                }
+            )
+    cps = [
+        {"name": c.name, "seq": c.seq, "ts_ns": c.ts, "kind": str(c.kind)}
+        for c in j.checkpoints()
+        if c.ts >= since
+    ]
+    return _reply(
+        200,
+        {
+            "group": g.name,
+            "volume": vol,
+            "since_ns": since,
+            "bucket_ns": bucket,
+            "window": {
+                "first_seq": w.first_seq,
+                "last_seq": w.last_seq,
+                "first_ts_ns": w.first_ts,
+                "last_ts_ns": w.last_ts,
+            },
+            "checkpoints": cps,
+            "snapshots": [snapshot_doc(g.name, s) for s in j.snapshots()],
+            "holds": [{"kind": h.kind, "name": h.name, "seq": h.seq} for h in j.holds.values()],
+            "gaps": gaps,
+            "rate": [{"start_ns": b, "writes": n, "bytes": nb} for b, n, nb in rate],
+            "now_ns": d.clock(),
+        },
+    )
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/timeline", timeline)
     app[EXPORTS_KEY] = {}
     app.on_cleanup.append(_close_exports)
     app.router.add_post("/v1/exports", create_export)

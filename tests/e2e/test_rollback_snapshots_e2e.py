@@ -98,5 +98,11 @@ def test_rollback_dry_run_refusal_force_and_roll_forward(tmp_path: Path) -> None
             assert [s["name"] for s in snaps] == ["s-good"]
             cdp(cfg, "rollback", "disk0", "--to", "snapshot:s-good", "--yes")
             assert same_bytes(tmp_path / "disk0.raw", tmp_path / "good.raw")
+            tl = cdp(cfg, "timeline", "disk0", "--since", "10m").out
+            assert "checkpoint good (seq" in tl and "-> checkpoint:good" in tl, tl
+            assert "snapshot s-good (seq" in tl and "locked until" in tl, tl
+            assert "checkpoint pre-rollback-" in tl and "#" in tl, tl
+            doc = json.loads(cdp(cfg, "timeline", "disk0", "--json").out)
+            assert sum(r["bytes"] for r in doc["rate"]) >= 3 << 20, doc["rate"]
         finally:
             d.stop()
