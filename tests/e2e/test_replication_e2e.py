@@ -124,6 +124,26 @@ def test_replicates_checkpoints_and_restores_at_dr(tmp_path: Path) -> None:
             assert cdp(primary, "verify", "disk0", "--replica", "nope", check=None).code == 2
             # the DR site refuses to write its own records
             assert cdp(dr, "checkpoint", "disk0", check=None).code == 1
+            # but keeps snapshots of its own and serves past points, like the primary
+            cdp(dr, "snapshot", "create", "disk0", "--name", "dr-keep", "--at", "checkpoint:before")
+            assert "dr-keep" in cdp(dr, "snapshot", "list", "disk0").out
+            assert cdp(dr, "rollback", "disk0", "--to", "latest", "--yes", check=None).code == 1
+            exp = subprocess.Popen(
+                [*CLI, "export", "disk0", "--at", "snapshot:dr-keep", "--config", str(dr)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert exp.stdout is not None
+                uri = exp.stdout.readline().rsplit(": ", 1)[1].strip()
+                got = tmp_path / "dr-export.raw"
+                subprocess.run(["nbdcopy", uri, str(got)], check=True, timeout=60)
+                a = tmp_path / "before.raw"
+                cdp(primary, "restore", "disk0", "--at", "checkpoint:before", "--output", str(a))
+                assert same_bytes(got, a)
+            finally:
+                exp.terminate()
+                exp.wait(30)
         finally:
             d.stop()
             rcv.stop()
