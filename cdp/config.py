@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ __all__ = [
     "NAME_RE",
     "Config",
     "DaemonConfig",
+    "HooksConfig",
     "NbdSource",
     "NbdTlsMode",
     "QemuSource",
@@ -78,6 +80,7 @@ _UNIX_PATH_MAX: Final = 107
 _DEFAULT_API: Final = Address.unix("/run/cdp/api.sock")
 _DEFAULT_RECEIVER_API: Final = Address.unix("/run/cdp/replica.sock")
 _DEFAULT_RECEIVER_STATE: Final = Path("/var/lib/cdp/replica")
+_DEFAULT_HOOK_TIMEOUT_NS: Final = 30 * 10**9
 
 LogFormat: TypeAlias = Literal["text", "json"]
 LogLevel: TypeAlias = Literal["debug", "info", "warning", "error", "critical"]
@@ -224,6 +227,20 @@ class ReceiverConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HooksConfig:
+    """``[hooks]``: commands run around ``cdp checkpoint --consistent``.
+
+    ``pre_freeze`` quiesces the guest (e.g. ``virsh domfsfreeze``), ``post_thaw`` undoes it
+    and always runs, whatever happened before. Each is an argv (run without a shell) and gets
+    ``timeout_ns`` of its own; on a timeout its whole process group is killed.
+    """
+
+    pre_freeze: tuple[str, ...]
+    post_thaw: tuple[str, ...]
+    timeout_ns: int = _DEFAULT_HOOK_TIMEOUT_NS
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole validated config file. ``path`` is the file as the user named it."""
 
@@ -233,6 +250,7 @@ class Config:
     replicas: tuple[ReplicaConfig, ...]
     receiver: ReceiverConfig | None
     path: Path
+    hooks: HooksConfig | None = None
 
     def volume(self, name: str) -> VolumeConfig | None:
         """The volume called *name*, or None."""
@@ -399,6 +417,30 @@ class _Parser:
             addr = Address.unix(path)
         return addr
 
+    def command(self, value: object) -> tuple[str, ...]:
+        """A hook command: a string split like a shell would (but run without one), or argv.
+
+        A relative program path with a "/" (``./freeze.sh``) is relative to the config's
+        folder, like every path; a bare name is looked up in PATH when it runs.
+        """
+        expected = 'expected a command like "fsfreeze -f /mnt" or a list of strings'
+        if isinstance(value, str):
+            try:
+                argv = shlex.split(value)
+            except ValueError as e:
+                raise ValueError(f"{expected}: {str(e).lower()}") from None
+        elif isinstance(value, list) and all(isinstance(a, str) for a in value):
+            argv = list(value)
+        else:
+            raise ValueError(expected)
+        if not argv or not argv[0]:
+            raise ValueError(f"{expected}: no program")
+        if any("\0" in a for a in argv):
+            raise ValueError(f"{expected}: no NUL characters")
+        if "/" in argv[0] and not os.path.isabs(argv[0]):
+            argv[0] = os.fspath(self.base / argv[0])
+        return tuple(argv)
+
     # -- tables ---------------------------------------------------------------------------
 
     def config(self, data: Mapping[str, object]) -> Config:
@@ -411,6 +453,8 @@ class _Parser:
         replicas = tuple(self.replica(t) for t in root.array_of_tables("replica"))
         receiver_t = root.table("receiver")
         receiver = self.receiver(receiver_t) if receiver_t else None
+        hooks_t = root.table("hooks")
+        hooks = self.hooks(hooks_t) if hooks_t else None
         root.finish()
         self.check_unique(volumes, replicas)
         if receiver is not None and receiver.state_dir == daemon.state_dir:
@@ -428,6 +472,7 @@ class _Parser:
             replicas=replicas,
             receiver=receiver,
             path=Path(self.shown),
+            hooks=hooks,
         )
 
     def daemon(self, t: _Table) -> DaemonConfig:
@@ -578,6 +623,16 @@ class _Parser:
             api=api,
             tls_cert=tls_cert,
             tls_key=tls_key,
+        )
+        t.finish()
+        return result
+
+    def hooks(self, t: _Table) -> HooksConfig:
+        why = 'a freeze needs its thaw; use "true" where there is nothing to undo'
+        result = HooksConfig(
+            pre_freeze=t.need("pre_freeze", self.command, why),
+            post_thaw=t.need("post_thaw", self.command, why),
+            timeout_ns=t.get_or("timeout", _interval, _DEFAULT_HOOK_TIMEOUT_NS),
         )
         t.finish()
         return result
