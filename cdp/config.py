@@ -53,6 +53,7 @@ __all__ = [
     "NAME_RE",
     "Config",
     "DaemonConfig",
+    "DetectorSettings",
     "HooksConfig",
     "NbdSource",
     "NbdTlsMode",
@@ -159,6 +160,7 @@ class VolumeConfig:
     size_bytes: int
     group: str
     source: Source
+    detect: bool = True  # the corruption detector watches it (``detect = false`` opts out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +229,18 @@ class ReceiverConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DetectorSettings:
+    """``[detector]``: the ransomware-like burst detector (on by default).
+
+    A false alarm costs an extra locked snapshot (``lock_ns``), never an outage.
+    """
+
+    enabled: bool = True
+    sensitivity: Literal["low", "normal", "high"] = "normal"
+    lock_ns: int = 14 * 86400 * 10**9
+
+
+@dataclass(frozen=True, slots=True)
 class HooksConfig:
     """``[hooks]``: commands run around ``cdp checkpoint --consistent``.
 
@@ -251,6 +265,7 @@ class Config:
     receiver: ReceiverConfig | None
     path: Path
     hooks: HooksConfig | None = None
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
 
     def volume(self, name: str) -> VolumeConfig | None:
         """The volume called *name*, or None."""
@@ -455,6 +470,8 @@ class _Parser:
         receiver = self.receiver(receiver_t) if receiver_t else None
         hooks_t = root.table("hooks")
         hooks = self.hooks(hooks_t) if hooks_t else None
+        detector_t = root.table("detector")
+        detector = self.detector(detector_t) if detector_t else DetectorSettings()
         root.finish()
         self.check_unique(volumes, replicas)
         if receiver is not None and receiver.state_dir == daemon.state_dir:
@@ -473,7 +490,21 @@ class _Parser:
             receiver=receiver,
             path=Path(self.shown),
             hooks=hooks,
+            detector=detector,
         )
+
+    def detector(self, t: _Table) -> DetectorSettings:
+        d = DetectorSettings()
+        result = DetectorSettings(
+            enabled=t.get_or("enabled", _bool, d.enabled),
+            sensitivity=cast(
+                Literal["low", "normal", "high"],
+                t.get_or("sensitivity", _choice("low", "normal", "high"), str(d.sensitivity)),
+            ),
+            lock_ns=t.get_or("lock", _interval, d.lock_ns),
+        )
+        t.finish()
+        return result
 
     def daemon(self, t: _Table) -> DaemonConfig:
         d = DaemonConfig()
@@ -522,8 +553,9 @@ class _Parser:
                 poll_interval_ns=t.get_or("poll_interval", _interval, 60 * 10**9),
                 scan_rate_bps=t.get_or("scan_rate", _rate, 64 * 2**20),
             )
+        detect = t.get_or("detect", _bool, True)
         t.finish()
-        return VolumeConfig(name=name, size_bytes=size, group=group, source=source)
+        return VolumeConfig(name=name, size_bytes=size, group=group, source=source, detect=detect)
 
     def nbd_source(self, t: _Table, why: str) -> NbdSource:
         image = t.need("image", self.path, why)
@@ -762,6 +794,12 @@ def _positive_size(value: object) -> int:
     if size == 0:
         raise ValueError('expected a size like "50GiB": must be positive')
     return size
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
 
 
 def _names(value: object) -> tuple[str, ...]:

@@ -867,6 +867,7 @@ class Journal:
         max_bytes: int = 8 << 20,
         max_records: int = 20_000,
         cursor: TailCursor | None = None,
+        sync: bool = True,
     ) -> tuple[list[Record], TailCursor | None]:
         """Records from seq ``start`` on that are on stable storage, for a replica sender.
 
@@ -876,10 +877,13 @@ class Journal:
         returned cursor to continue where the last call ended without rescanning a segment.
         Write records carry their data inline (hot) or as block refs (sealed).
         Raises PointNotRetained when ``start`` was folded away (the replica must resync).
+        ``sync=False`` reads what was handed to the OS without waiting for it to be durable
+        (for local consumers such as the corruption detector, never for a replica).
         """
         self._check_open()
         no_t, size_t, w_t = self._tail
-        self.sync()
+        if sync:
+            self.sync()
         out: list[Record] = []
         nbytes = 0
         while len(out) < max_records and nbytes < max_bytes:

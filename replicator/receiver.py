@@ -128,7 +128,8 @@ class TokenFile:
             self.reload()
         except OSError:
             log.warning("tokens file unreadable; keeping the tokens loaded before")
-        d = hashlib.sha256(presented.encode()).digest()
+        # headers arrive surrogate-escaped: a token with non-UTF-8 bytes is wrong, not a crash
+        d = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
         ok = False
         for t in self._digests:
             ok |= hmac.compare_digest(d, t)
@@ -158,6 +159,9 @@ class Receiver:
         self.journal_options = journal_options or JournalOptions()
         self.clock = clock
         self.groups: dict[str, ReplicaGroup] = {}
+        # called (in a worker thread) with each applied batch's records: the DR site's own
+        # reactions, e.g. pinning a clean point the primary's detector flagged
+        self.on_applied: Callable[[ReplicaGroup, list[Any]], object] | None = None
         self.refused: Counter[str] = Counter()
         self.accepted = 0
         self._create_lock = asyncio.Lock()
@@ -381,6 +385,11 @@ class Receiver:
             except ValueError as e:
                 raise Refused(400, "bad-frame", str(e)) from e
             await self._commit_bind(g, bound)
+            if self.on_applied is not None:
+                try:
+                    await asyncio.to_thread(self.on_applied, g, recs)
+                except Exception:  # a reaction never fails the (already durable) batch
+                    log.exception("reaction to an applied batch failed", extra={"group": g.name})
         done = bool(g.meta and g.meta.resyncs and g.durable_seq >= g.meta.resyncs[-1][1])
         if done and ("snapshot", "resync-pin") in g.journal.holds:
             await asyncio.to_thread(g.journal.release_hold, "snapshot", "resync-pin")

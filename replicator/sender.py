@@ -162,7 +162,10 @@ class Sender:
         timeout = aiohttp.ClientTimeout(total=self.target.request_timeout_s, connect=10)
         connector = aiohttp.TCPConnector(ssl=self.target.ssl if self.target.ssl else False)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+            shipped = self.stats.batches
             while not stop.is_set():
+                if self.stats.batches != shipped:  # the last connection made progress:
+                    backoff, shipped = 0.2, self.stats.batches  # its failure is a fresh one
                 try:
                     await self._stream(http, stop)
                     backoff, refused_wait = 0.2, 1.0
@@ -259,6 +262,8 @@ class Sender:
             )
         acked = int(pos["durable_seq"])
         w = j.window()
+        if acked > w.last_seq:  # more than we ever wrote: a damaged answer, ask again
+            raise Retry(f"receiver claims seq {acked}, beyond this journal's {w.last_seq}")
         if acked < w.first_seq:
             if acked == 0 and w.first_seq > 0:
                 await self._install_base(http, j)
@@ -341,7 +346,9 @@ class Sender:
                 await self.bucket.take(len(body) + 350)
             status, doc = await self._call(http, "POST", "batch", body)
             if status == 200:
-                self.acked_seq = max(self.acked_seq, int(doc["durable_seq"]))
+                # durable there can only be what was sent: more is a damaged answer
+                durable = min(int(doc["durable_seq"]), recs[-1].seq)
+                self.acked_seq = max(self.acked_seq, durable)
                 self.last_ack_ns = self.clock()
                 self.stats.batches += 1
                 self.stats.records += len(recs)

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from cdp.config import Config, ReceiverConfig
+from cdp.daemon.quarantine import mark_replicated_anomaly
 from cdp.daemon.snapshots import grid_enabled, snapshot_round
 from cdp.sockpath import prepare_socket_path, remove_socket
-from journal import JournalOptions, wall_clock
+from journal import JournalOptions, Record, wall_clock
 from journal.clock import Clock
 from replicator.receiver import Receiver, ReplicaGroup, TokenFile
 
@@ -77,7 +78,15 @@ class ReceiverService:
             journal_options=journal_options,
             clock=clock,
         )
+        self.receiver.on_applied = self._on_applied
         self.ready = asyncio.Event()
+
+    def _on_applied(self, g: ReplicaGroup, recs: list[Record]) -> None:
+        """The primary's anomaly checkpoints pin the same clean point here, locked."""
+        if self.config.detector.enabled:
+            mark_replicated_anomaly(
+                g.journal, g.name, recs, now_ns=self._clock(), lock_ns=self.config.detector.lock_ns
+            )
 
     # -- Site --------------------------------------------------------------------------
     @property

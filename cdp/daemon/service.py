@@ -23,11 +23,21 @@ from pathlib import Path
 from cdp.capture.hashscan import HashScanner
 from cdp.capture.splitter import CleanMarker, onboard_export
 from cdp.config import Config, NbdSource, NbdTlsMode, ScanSource, VolumeConfig
+from cdp.daemon.quarantine import Quarantine, pin_clean_point
 from cdp.daemon.replication import make_senders, make_targets, replica_alerts
 from cdp.daemon.snapshots import grid_enabled, snapshot_round
+from cdp.detector import DetectorConfig, GroupDetector
 from cdp.nbd.export import Export, ExportSet
 from cdp.nbd.server import NbdServer, server_tls_context
-from journal import CheckpointKind, Journal, JournalOptions, wall_clock
+from journal import (
+    CheckpointKind,
+    Journal,
+    JournalOptions,
+    PointNotRetained,
+    Record,
+    WriteRecord,
+    wall_clock,
+)
 from journal.clock import Clock
 from replicator.sender import Sender
 
@@ -50,6 +60,8 @@ class Group:
     last_sealer_error: str | None = None
     reopens: int = 0
     retired: list[Journal] = field(default_factory=list)  # replaced after a failure
+    quarantines: list[Quarantine] = field(default_factory=list)  # detector alarms
+    detector: GroupDetector | None = None
 
     def not_a_point(self, seq: int) -> str | None:
         return None  # every retained seq of a primary journal is a crash-consistent point
@@ -111,6 +123,7 @@ class Daemon:
                 async with asyncio.TaskGroup() as tg:
                     for g in self.groups.values():
                         tg.create_task(self._snapshots(g, stop), name=f"snapshots:{g.name}")
+                        tg.create_task(self._detect(g, stop), name=f"detector:{g.name}")
                         tg.create_task(self._sealer(g, stop), name=f"sealer:{g.name}")
                         tg.create_task(self._retention(g, stop), name=f"retention:{g.name}")
                         tg.create_task(self._repair(g, stop), name=f"repair:{g.name}")
@@ -250,6 +263,59 @@ class Daemon:
                 log.error("snapshot schedule failed", extra={"group": g.name, "err": str(e)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.snapshot_interval_s)
+
+    async def _detect(self, g: Group, stop: asyncio.Event) -> None:
+        """Tail the group's journal through the corruption detector (cdp/detector.py).
+
+        Off the acknowledgement path: it reads records back (page cache) a fraction of a
+        second after capture appended them, never slows a guest write, and on an alarm pins
+        the last clean point (cdp/daemon/quarantine.py).
+        """
+        ds = self.config.detector
+        excluded = frozenset(v.name for v in g.volumes if not v.detect)
+        if not ds.enabled or len(excluded) == len(g.volumes):
+            return
+
+        def prior(vol: str, off: int, n: int, seq: int) -> bytes:
+            j = g.journal
+            if seq < j.window().first_seq:
+                return b""
+            return j.read(vol, off, n, seq)
+
+        det = GroupDetector(
+            self.journal_options.chunk_size,
+            DetectorConfig.for_sensitivity(ds.sensitivity),
+            prior,
+            excluded,
+        )
+        g.detector = det
+        pos = int(g.journal.window().last_seq)  # score what arrives from now on
+        cursor = None
+        while not stop.is_set():
+            try:
+                j = g.journal
+                recs, cursor = await asyncio.to_thread(
+                    j.read_durable, pos + 1, max_bytes=32 << 20, cursor=cursor, sync=False
+                )
+                if not recs:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 0.2)
+                    continue
+                recs = await asyncio.to_thread(_inline, j, recs)
+                found = await asyncio.to_thread(det.observe, recs)
+                pos = recs[-1].seq
+                for d in found:
+                    q = await asyncio.to_thread(
+                        pin_clean_point, j, g.name, d, now_ns=self.clock(), lock_ns=ds.lock_ns
+                    )
+                    g.quarantines.append(q)
+            except PointNotRetained:
+                pos, cursor = int(g.journal.window().first_seq), None
+            except Exception as e:  # the detector never takes capture down
+                log.error("detector failed; retrying", extra={"group": g.name, "err": str(e)})
+                cursor = None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 2.0)
 
     async def _sealer(self, g: Group, stop: asyncio.Event) -> None:
         """Move data of rolled segments into the block store, off the write path.
@@ -511,6 +577,15 @@ class Daemon:
                 galerts.append(f"retention failed: {g.last_retention_error}")
             alerts += [f"{g.name}: {a}" for a in galerts]
             lc = st.last_checkpoint
+            for q in g.quarantines:
+                d = q.detection
+                point = f"snapshot:{q.snapshot}" if q.snapshot else f"seq:{d.last_clean_seq}"
+                galerts.append(
+                    f"possible ransomware on {', '.join(d.volumes)}: "
+                    f"{d.suspicious_bytes} bytes of in-place high-entropy overwrites from seq "
+                    f"{d.first_seq}; last clean point {point} (seq {d.last_clean_seq}, locked)"
+                )
+                alerts.append(f"{g.name}: {galerts[-1]}")
             reps = [s.status() for (gn, _), s in self.senders.items() if gn == g.name]
             for r in reps:
                 alerts += replica_alerts(g.name, r)
@@ -586,6 +661,20 @@ class Daemon:
             "volumes": volumes,
             "alerts": alerts,
         }
+
+
+def _inline(j: Journal, recs: list[Record]) -> list[Record]:
+    """Writes already sealed (refs) get their data back from the block store."""
+    out: list[Record] = []
+    for r in recs:
+        if isinstance(r, WriteRecord) and r.data is None:
+            blocks = j.get_blocks(list(r.refs))
+            r = WriteRecord(
+                r.seq, r.ts, r.volume, r.offset, r.length,
+                b"".join(blocks[x.block_id] for x in r.refs), (), r.wall,
+            )  # fmt: skip
+        out.append(r)
+    return out
 
 
 def _journal_of(g: Group) -> Callable[[], Journal]:
