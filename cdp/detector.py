@@ -7,11 +7,14 @@ a disk) is ordinary, so is rewriting data that was already incompressible.
 
 How it is measured, cheaply: each written piece is sampled (its first ``SAMPLE`` bytes) and
 compressed with zstd level 1 (a few microseconds per sample, off the acknowledgement path:
-the detector tails the journal like a replica sender does). Each chunk of each volume keeps
-one byte: the compressibility class of what it last held (``EMPTY`` for never written, zero
+the detector tails the journal like a replica sender does). Each 4 KiB block of each volume
+keeps one byte: the compressibility class of what it last held (``EMPTY`` for never written, zero
 or trimmed; otherwise the sampled ratio). A chunk nobody has seen since the daemon started
 is looked up once in the journal (the bytes as of just before the write), so a restart
 never blinds the detector.
+
+One byte-class per 4 KiB block (a file system's block): a small file shares a chunk with
+others, so a coarser map would see the second file's old content as the first one's new.
 
 Scoring: over a sliding window of journal time (``window_ns``), the bytes of suspicious
 overwrites (was compressible, now incompressible) against all overwrites of non-empty
@@ -35,6 +38,7 @@ from journal import Record, WriteRecord, ZeroRecord
 log = logging.getLogger(__name__)
 
 SAMPLE = 1024
+BLOCK = 4096  # file systems allocate in 4 KiB blocks: one class per block
 EMPTY = 0  # never written, zeroes or trimmed: filling it with anything is ordinary
 Sensitivity = Literal["low", "normal", "high"]
 
@@ -45,7 +49,7 @@ class DetectorConfig:
 
     window_ns: int = 10 * 10**9
     min_bytes: int = 512 << 10
-    min_fraction: float = 0.5
+    min_fraction: float = 0.25  # file system metadata rewritten around each file dilutes it
     incompressible: float = 0.97  # sampled zstd ratio at or above: looks encrypted/compressed
     compressible: float = 0.90  # at or below: held ordinary data before
     cooldown_ns: int = 60 * 10**9  # one alarm per burst
@@ -54,9 +58,9 @@ class DetectorConfig:
     @classmethod
     def for_sensitivity(cls, s: Sensitivity) -> DetectorConfig:
         if s == "high":
-            return cls(min_bytes=128 << 10, min_fraction=0.3)
+            return cls(min_bytes=128 << 10, min_fraction=0.15)
         if s == "low":
-            return cls(min_bytes=4 << 20, min_fraction=0.7)
+            return cls(min_bytes=4 << 20, min_fraction=0.5)
         return cls()
 
 
@@ -97,6 +101,7 @@ class _Event:
     suspicious: int
     overwrite: int
     volume: str
+    incompressible: int = 0  # bytes overwritten in place with incompressible data (any before)
 
 
 @dataclass(slots=True)
@@ -111,10 +116,15 @@ class GroupDetector:
     config: DetectorConfig
     prior: Callable[[str, int, int, int], bytes]
     excluded: frozenset[str] = frozenset()
-    maps: dict[str, dict[int, int]] = field(default_factory=dict)
+    maps: dict[str, dict[int, int]] = field(default_factory=dict)  # volume -> block -> class
+    max_blocks: int = 4_000_000  # per volume (about 0.3 GB of RAM); forgotten ones are re-read
     window: deque[_Event] = field(default_factory=deque)
     burst_first: tuple[int, int] | None = None  # (seq, ts) of the burst's first suspicious write
     last_suspicious_ts: int = 0
+    # recent in-place incompressible overwrites (ts, seq): an attack that begins with files
+    # that were already compressed (.gz, .jpg) leaves no suspicious transition there, so the
+    # burst's start is walked back through these
+    recent_hi: deque[tuple[int, int]] = field(default_factory=deque)
     quiet_until: int = 0
     detections: list[Detection] = field(default_factory=list)
     sampled: int = 0
@@ -137,9 +147,9 @@ class GroupDetector:
         for r in records:
             if isinstance(r, ZeroRecord):
                 m = self.maps.setdefault(r.volume, {})
-                cs = self.chunk_size
-                for c in range(r.offset // cs, (r.offset + r.length - 1) // cs + 1):
-                    m[c] = EMPTY
+                for b in range(r.offset // BLOCK, (r.offset + r.length - 1) // BLOCK + 1):
+                    m.pop(b, None)
+                    m[b] = EMPTY
             elif isinstance(r, WriteRecord) and r.data is not None:
                 if r.volume in self.excluded:
                     continue
@@ -150,36 +160,49 @@ class GroupDetector:
 
     def _write(self, r: WriteRecord) -> Detection | None:
         assert r.data is not None
-        cs = self.chunk_size
         data = memoryview(r.data)
         m = self.maps.setdefault(r.volume, {})
-        suspicious = overwrite = 0
-        pos, end = r.offset, r.offset + r.length
-        while pos < end:
-            c = pos // cs
-            nxt = min((c + 1) * cs, end)
-            piece = data[pos - r.offset : nxt - r.offset]
-            new = ratio_class(piece[:SAMPLE], self._cctx)
+        suspicious = overwrite = incompressible = 0
+        first, last = r.offset // BLOCK, (r.offset + r.length - 1) // BLOCK
+        unknown = [b for b in range(first, last + 1) if b not in m]
+        if unknown:  # one journal read for what this write covers and nobody saw yet
+            lo, hi = (
+                max(unknown[0] * BLOCK, r.offset),
+                min((unknown[-1] + 1) * BLOCK, r.offset + r.length),
+            )
+            before = memoryview(self.prior(r.volume, lo, hi - lo, r.seq - 1))
+            for b in unknown:
+                a = max(b * BLOCK, r.offset) - lo
+                m[b] = ratio_class(before[a : a + SAMPLE], self._cctx) if len(before) > a else EMPTY
+        for b in range(first, last + 1):
+            a = max(b * BLOCK, r.offset)
+            z = min((b + 1) * BLOCK, r.offset + r.length)
+            new = ratio_class(data[a - r.offset : a - r.offset + min(SAMPLE, z - a)], self._cctx)
             self.sampled += 1
-            self.sampled_bytes += min(SAMPLE, len(piece))
-            old = m.get(c)
-            if old is None:  # not seen since start: what did it hold just before?
-                old = ratio_class(self.prior(r.volume, pos, min(SAMPLE, nxt - pos), r.seq - 1),
-                                  self._cctx)  # fmt: skip
+            self.sampled_bytes += min(SAMPLE, z - a)
+            old = m[b]
             if old != EMPTY:
-                overwrite += len(piece)
-                if new >= self._hi() and old <= self._lo():
-                    suspicious += len(piece)
-            m[c] = new
-            pos = nxt
+                overwrite += z - a
+                if new >= self._hi():
+                    incompressible += z - a
+                    if old <= self._lo():
+                        suspicious += z - a
+            m[b] = new
+        if len(m) > self.max_blocks:
+            for _ in range(len(m) - self.max_blocks // 2):  # forget the oldest-seen half
+                m.pop(next(iter(m)))
         if overwrite == 0:
             return None
-        return self._score(_Event(r.ts, r.seq, suspicious, overwrite, r.volume))
+        return self._score(_Event(r.ts, r.seq, suspicious, overwrite, r.volume, incompressible))
 
     def _score(self, ev: _Event) -> Detection | None:
         cfg = self.config
         w = self.window
         w.append(ev)
+        if ev.incompressible:
+            self.recent_hi.append((ev.ts, ev.seq))
+        while self.recent_hi and self.recent_hi[0][0] < ev.ts - cfg.burst_gap_ns:
+            self.recent_hi.popleft()
         while w and w[0].ts < ev.ts - cfg.window_ns:
             w.popleft()
         if ev.suspicious:
@@ -194,7 +217,7 @@ class GroupDetector:
         total = sum(e.overwrite for e in w)
         if sus < cfg.min_bytes or sus < cfg.min_fraction * total:
             return None
-        seq0, ts0 = self.burst_first
+        seq0, ts0 = self._walk_back(*self.burst_first)
         d = Detection(
             tuple(sorted({e.volume for e in w if e.suspicious})),
             seq0,
@@ -208,3 +231,16 @@ class GroupDetector:
         self.quiet_until = ev.ts + cfg.cooldown_ns
         self.detections.append(d)
         return d
+
+    def _walk_back(self, seq: int, ts: int) -> tuple[int, int]:
+        """The earliest in-place incompressible overwrite chained (no pause over the window)
+        to the burst's first suspicious write: the attack may have begun with files that
+        were compressed already. An earlier clean point is still clean; a later one is not.
+        """
+        for t, s in reversed(self.recent_hi):
+            if s >= seq:
+                continue
+            if t < ts - self.config.window_ns:
+                break
+            seq, ts = s, t
+        return seq, ts

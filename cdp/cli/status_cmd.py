@@ -165,6 +165,7 @@ _GROUP_KNOWN: Final = frozenset(
         "recovery",
         "replicas",
         "replica",
+        "detector",
     }
 )
 

@@ -609,6 +609,13 @@ class Daemon:
                     "holds": [{"kind": h.kind, "name": h.name, "seq": h.seq} for h in st.holds],
                     "history_short": st.history_short,
                     "replicas": reps,
+                    "detector": None
+                    if g.detector is None
+                    else {
+                        "sampled": g.detector.sampled,
+                        "sampled_bytes": g.detector.sampled_bytes,
+                        "alarms": len(g.quarantines),
+                    },
                     "alerts": galerts,
                     "recovery": {
                         "truncated_segment": st.recovery.truncated_segment,

@@ -12,12 +12,14 @@ and per chunk (one ``read`` of up to ``chunk_size`` bytes, in either direction):
 - ``truncate``: per chunk, forward only a random prefix of it, then close both sides.
 - ``flip``: per chunk, flip one random bit of it before forwarding.
 
-``faults_enabled`` turns every fault off (and back on) at any time, so a test can let the
-stream converge at the end. With ``FaultPlan()`` (all zero, see ``ChaosProxy.counting``) the
-proxy only counts bytes: ``bytes_up`` (client to target), ``bytes_down`` (target to
-client), and ``faults`` counts each fault injected (``drop``, ``stall``, ``truncate``,
-``flip_up``, ``flip_down``). ``close()`` stops the listener, aborts every connection and
-waits for every task the proxy started: nothing outlives it.
+A clean EOF is passed on as a half-close (the other direction goes on); a fault or an error
+ends the connection both ways. ``faults_enabled`` turns every fault off (and back on) at any
+time, so a test can let the stream converge at the end. With ``FaultPlan()`` (all zero, see
+``ChaosProxy.counting``) the proxy only counts: ``bytes_up`` (client to target),
+``bytes_down`` (target to client), ``chunks`` (reads per direction), and ``faults`` counts
+each fault injected (``drop``, ``stall``, ``truncate``, ``flip_up``, ``flip_down``).
+``close()`` stops the listener, aborts every connection and waits for every task the proxy
+started: nothing outlives it. Only loopback addresses, both to listen on and to forward to.
 """
 
 from __future__ import annotations
@@ -79,12 +81,18 @@ class _Conn:
     async def pump(
         self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, direction: str
     ) -> None:
+        """Forward one direction until EOF (passed on as a half-close) or a fault/error
+        (which ends the connection both ways)."""
         p, plan, rng = self.proxy, self.proxy.plan, self.rng
         try:
             while not self.dead:
                 data = await src.read(p.chunk_size)
                 if not data:
+                    if dst.can_write_eof():
+                        dst.write_eof()  # a clean half-close: the other way may go on
+                        return
                     break
+                p.chunks[direction] += 1
                 if p.faults_enabled and plan.any:
                     if rng.random() < plan.stall:
                         p.faults["stall"] += 1
@@ -92,11 +100,10 @@ class _Conn:
                         if self.dead:
                             break
                     if self.drop_at is not None and self.passed + len(data) >= self.drop_at:
-                        cut = max(0, self.drop_at - self.passed)
                         p.faults["drop"] += 1
-                        self._forward(dst, data[:cut], direction)
+                        self._forward(dst, data[: max(0, self.drop_at - self.passed)], direction)
                         self.kill(abort=True)
-                        break
+                        return
                     if rng.random() < plan.flip:
                         buf = bytearray(data)
                         bit = rng.randrange(len(buf) * 8)
@@ -108,15 +115,12 @@ class _Conn:
                         self._forward(dst, data[: rng.randrange(len(data))], direction)
                         with contextlib.suppress(ConnectionError, OSError):
                             await dst.drain()
-                        self.kill(abort=False)
                         break
                 self._forward(dst, data, direction)
                 await dst.drain()
         except (ConnectionError, OSError):
             pass
-        finally:
-            # one side finished or failed: the connection is over for both
-            self.kill(abort=False)
+        self.kill(abort=False)  # a fault, an error or a peer gone: over for both
 
     def _forward(self, dst: asyncio.StreamWriter, data: bytes, direction: str) -> None:
         if not data:
@@ -147,6 +151,7 @@ class ChaosProxy:
         self.chunk_size = chunk_size
         self.faults_enabled = self.plan.any
         self.faults: Counter[str] = Counter()
+        self.chunks: Counter[str] = Counter()  # reads forwarded (or faulted), "up"/"down"
         self.bytes_up = 0
         self.bytes_down = 0
         self.connections = 0
@@ -184,7 +189,7 @@ class ChaosProxy:
     async def _accept(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         conn = _Conn(self, random.Random(self.rng.getrandbits(64)))
         conn.writers.append(cw)
         self._conns.add(conn)
@@ -196,13 +201,14 @@ class ChaosProxy:
                 self.connect_failures += 1
                 return
             conn.writers.append(uw)
-            if conn.dead:
-                return
-            await asyncio.gather(conn.pump(cr, uw, "up"), conn.pump(ur, cw, "down"))
+            if not conn.dead:
+                await asyncio.gather(conn.pump(cr, uw, "up"), conn.pump(ur, cw, "down"))
+        except asyncio.CancelledError:
+            pass  # close(): this connection ends with the proxy
         finally:
             conn.kill(abort=False)
             self._conns.discard(conn)
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -225,5 +231,6 @@ class ChaosProxy:
             "connect_failures": self.connect_failures,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
+            "chunks": dict(self.chunks),
             "faults": dict(self.faults),
         }
