@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,9 @@ from cdp.errors import UsageError
 from cdp.units import parse_duration
 
 MINUTE = 60 * 10**9
+ANOMALY = re.compile(
+    r"^anomaly:(?P<vols>[^:]*):last-clean-seq=(?P<seq>\d+):snapshot=(?P<snap>\S+)$"
+)
 BAR = 40
 
 
@@ -53,6 +57,14 @@ def render(doc: dict[str, Any], *, now_ns: int) -> list[str]:
         events.setdefault(t - (t - since) % MINUTE if t >= since else since, []).append(text)
 
     for c in doc["checkpoints"]:
+        m = ANOMALY.match(c["name"]) if c["kind"] == "anomaly" else None
+        if m is not None:
+            at(
+                c["ts_ns"],
+                f"!! possible ransomware on {m['vols']} (flagged at seq {c['seq']}): last clean "
+                f"point seq {m['seq']}  -> cdp rollback --to snapshot:{m['snap']}",
+            )
+            continue
         flag = "!! anomaly" if c["kind"] == "anomaly" else "checkpoint"
         at(
             c["ts_ns"],

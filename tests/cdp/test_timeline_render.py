@@ -17,6 +17,12 @@ def _doc() -> dict[str, object]:
         "checkpoints": [
             {"name": "before", "seq": 10, "ts_ns": T0 + 90 * 10**9, "kind": "user"},
             {"name": "clean-1", "seq": 40, "ts_ns": T0 + 50 * MINUTE, "kind": "anomaly"},
+            {
+                "name": "anomaly:disk0:last-clean-seq=38:snapshot=clean-9-38",
+                "seq": 41,
+                "ts_ns": T0 + 50 * MINUTE + 1,
+                "kind": "anomaly",
+            },
         ],
         "snapshots": [
             {"name": "old", "seq": 1, "ts_ns": T0 - MINUTE, "locked_until_ns": 0},
@@ -35,6 +41,10 @@ def test_render_marks_events_and_folds_quiet_minutes() -> None:
     text = "\n".join(lines)
     assert "checkpoint before (seq 10, user)  -> checkpoint:before" in text
     assert "!! anomaly clean-1 (seq 40, anomaly)" in text
+    assert (
+        "!! possible ransomware on disk0 (flagged at seq 41): last clean point seq 38  -> "
+        "cdp rollback --to snapshot:clean-9-38"
+    ) in text
     assert "snapshot auto (seq 30, locked until" in text
     assert "GAP in protection (ENOSPC), still open" in text
     assert "older snapshots: old (seq 1)" in text
