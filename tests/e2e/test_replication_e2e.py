@@ -8,10 +8,13 @@ mid-stream.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -196,5 +199,44 @@ def test_kill9_receiver_and_sender_mid_stream(tmp_path: Path) -> None:
             assert replica_of(d)["reconnects"] >= 0
         finally:
             stop.set()
+            d.stop()
+            rcv.stop()
+
+
+def test_an_anomaly_pins_the_same_clean_point_at_both_sites(tmp_path: Path) -> None:
+    """The detector's alarm on the primary replicates: the DR site locks the same point."""
+    need_qemu_tools()
+    with short_tmp() as sock:
+        primary, dr = sites(tmp_path, sock, free_port())
+        rcv = Receiver(dr, tmp_path / "dr.log").start()
+        d = Daemon(primary, tmp_path / "p.log").start()
+        try:
+            wait_for(lambda: d.volume("disk0")["onboarding"]["state"] == "done", "onboarding")
+            qemu_io(sock, "write -P 0x41 0 4M", "write -P 0x42 8M 2M")  # ordinary data
+            cdp(primary, "checkpoint", "disk0", "--name", "before")
+            (tmp_path / "cipher.bin").write_bytes(os.urandom(4 << 20))
+            qemu_io(sock, f"write -s {tmp_path / 'cipher.bin'} 0 4M")  # encrypted in place
+            alerts = wait_for(
+                lambda: [a for a in d.status()["alerts"] if "possible ransomware" in a],
+                "the detector to flag the burst",
+            )
+            assert "last clean point snapshot:clean-" in alerts[0], alerts
+            name = alerts[0].split("snapshot:")[1].split(" ")[0]
+            wait_for(lambda: caught_up(d), "the replica to catch up")
+
+            def pinned_at_dr() -> dict[str, Any] | None:
+                snaps = json.loads(cdp(dr, "snapshot", "list", "disk0", "--json").out)
+                return next((s for s in snaps if s["name"] == name), None)
+
+            s = wait_for(pinned_at_dr, "the DR site to pin the same point")
+            assert s["kind"] == "anomaly" and s["locked_until_ns"] > time.time_ns()
+            assert cdp(dr, "snapshot", "delete", "disk0", "--name", name, check=None).code == 1
+            restores_match(tmp_path, primary, dr, f"snapshot:{name}")
+            a = tmp_path / "clean.raw"
+            b = tmp_path / "before.raw"
+            cdp(primary, "restore", "disk0", "--at", "checkpoint:before", "--output", str(b))
+            cdp(primary, "restore", "disk0", "--at", f"snapshot:{name}", "--output", str(a))
+            assert same_bytes(a, b), "the clean point is the state before the burst"
+        finally:
             d.stop()
             rcv.stop()
