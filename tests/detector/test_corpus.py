@@ -51,7 +51,7 @@ def test_encryption_in_place_is_flagged_and_the_clean_point_pinned(
     corpus.age(disk)
     before = corpus.checksums(corpus.victims(disk))
     time.sleep(1.0)
-    t0, touched = corpus.attack(disk, kind, seconds=12.0 if kind == "slow" else 30.0)
+    t0, touched = corpus.attack(disk, kind, seconds=12.0)
     assert touched
     deadline = time.time() + 30
     while not disk.anomalies() and time.time() < deadline:
