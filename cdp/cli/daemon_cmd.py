@@ -20,9 +20,11 @@ import argparse
 import fcntl
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cdp.cli.common import Subparsers, add_verb, load
+from cdp.config import Config
 from cdp.errors import OperationFailed
 from cdp.log import setup_logging
 
@@ -39,22 +41,38 @@ def add_parser(subparsers: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load(args)
-    lock_fd = claim_state_dir(config.daemon.state_dir)
-    setup_logging(config.daemon.log_format, config.daemon.log_level, sys.stderr)
-    # Imported here: the service pulls in aiohttp, the journal and the capture code, which
+    # Imported on use: the service pulls in aiohttp, the journal and the capture code, which
     # the other verbs do not need.
     from cdp.daemon.service import run_daemon
+
+    return run_service(
+        config, config.daemon.state_dir, lambda: run_daemon(config), "the daemon",
+        f"cdp daemon --config {config.path}",
+    )  # fmt: skip
+
+
+def run_service(
+    config: Config, state_dir: Path, serve: Callable[[], int], what: str, restart: str
+) -> int:
+    """Lock the state folder, log as configured, run; expected failures become one line.
+
+    Shared by ``cdp daemon`` and ``cdp replica serve``: OS and journal errors (the folder,
+    a socket path, a journal that cannot open) exit 1 with ``Error:`` and what failed;
+    anything else is a bug and keeps its traceback.
+    """
+    lock_fd = claim_state_dir(state_dir)
+    setup_logging(config.daemon.log_format, config.daemon.log_level, sys.stderr)
     from journal import JournalError
 
     try:
-        return run_daemon(config)
+        return serve()
     except Exception as exc:
         leaves = _leaves(exc)
         if not all(isinstance(e, OSError | JournalError) for e in leaves):
             raise
         raise OperationFailed(
-            "the daemon stopped: " + "; ".join(dict.fromkeys(_describe(e) for e in leaves)),
-            hint=f"fix that and start it again (cdp daemon --config {config.path})",
+            f"{what} stopped: " + "; ".join(dict.fromkeys(_describe(e) for e in leaves)),
+            hint=f"fix that and start it again ({restart})",
         ) from exc
     finally:
         os.close(lock_fd)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from cdp.cli.common import Subparsers, add_common_options, add_verb, load
-from cdp.cli.daemon_cmd import _describe, _leaves, claim_state_dir
-from cdp.errors import ConfigError, OperationFailed
-from cdp.log import setup_logging
+from cdp.cli.daemon_cmd import run_service
+from cdp.errors import ConfigError
 
 
 def add_parser(subparsers: Subparsers) -> None:
@@ -45,20 +43,9 @@ def run(args: argparse.Namespace) -> int:
             f"cannot read {rc.tokens_file}",
             hint="one bearer token per line; readable by the service user only (mode 0600)",
         )
-    lock_fd = claim_state_dir(rc.state_dir)
-    setup_logging(config.daemon.log_format, config.daemon.log_level, sys.stderr)
     from cdp.daemon.receiver_service import run_receiver
-    from journal import JournalError
 
-    try:
-        return run_receiver(config)
-    except Exception as exc:
-        leaves = _leaves(exc)
-        if not all(isinstance(e, OSError | JournalError) for e in leaves):
-            raise
-        raise OperationFailed(
-            "the receiver stopped: " + "; ".join(dict.fromkeys(_describe(e) for e in leaves)),
-            hint=f"fix that and start it again (cdp replica serve --config {config.path})",
-        ) from exc
-    finally:
-        os.close(lock_fd)
+    return run_service(
+        config, rc.state_dir, lambda: run_receiver(config), "the receiver",
+        f"cdp replica serve --config {config.path}",
+    )  # fmt: skip

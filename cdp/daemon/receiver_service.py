@@ -22,6 +22,7 @@ from aiohttp import web
 
 from cdp.config import Config, ReceiverConfig
 from cdp.daemon.quarantine import mark_replicated_anomaly
+from cdp.daemon.site import journal_doc
 from cdp.daemon.snapshots import grid_enabled, snapshot_round
 from cdp.sockpath import prepare_socket_path, remove_socket
 from journal import JournalOptions, Record, wall_clock
@@ -111,46 +112,18 @@ class ReceiverService:
         alerts: list[str] = []
         for g in self.receiver.groups.values():
             st = g.journal.status()
-            w = st.window
             galerts = list(st.alerts)
             alerts += [f"{g.name}: {a}" for a in galerts]
-            lc = st.last_checkpoint
-            groups.append(
-                {
-                    "name": g.name,
-                    "volumes": sorted(st.volumes),
-                    "window": {
-                        "first_seq": w.first_seq,
-                        "last_seq": w.last_seq,
-                        "first_ts_ns": w.first_ts,
-                        "last_ts_ns": w.last_ts,
-                    },
-                    "journal_bytes": st.segment_bytes + st.pack_bytes,
-                    "segments": st.segments,
-                    "unsealed_segments": st.unsealed_segments,
-                    "index_bytes": st.index_bytes,
-                    "last_checkpoint": None
-                    if lc is None
-                    else {"seq": lc.seq, "ts_ns": lc.ts, "name": lc.name, "kind": str(lc.kind)},
-                    "holds": [{"kind": h.kind, "name": h.name, "seq": h.seq} for h in st.holds],
-                    "history_short": st.history_short,
-                    "alerts": galerts,
-                    "replica": {
-                        "primary_journal": g.meta.journal.hex() if g.meta else None,
-                        "epoch": g.meta.epoch if g.meta else 0,
-                        "batches": g.batches,
-                        "bytes_in": g.bytes_in,
-                        "last_batch_ns": g.last_batch_ns,
-                    },
-                    "recovery": {
-                        "truncated_segment": st.recovery.truncated_segment,
-                        "truncated_at": st.recovery.truncated_at,
-                        "truncated_bytes": st.recovery.truncated_bytes,
-                        "index_rebuilt": st.recovery.index_rebuilt,
-                        "last_seq": st.recovery.last_seq,
-                    },
-                }
-            )
+            doc = journal_doc(g.name, sorted(st.volumes), st)
+            doc["alerts"] = galerts
+            doc["replica"] = {
+                "primary_journal": g.meta.journal.hex() if g.meta else None,
+                "epoch": g.meta.epoch if g.meta else 0,
+                "batches": g.batches,
+                "bytes_in": g.bytes_in,
+                "last_batch_ns": g.last_batch_ns,
+            }
+            groups.append(doc)
         volumes = [
             {
                 "name": v.name,

@@ -25,6 +25,7 @@ from cdp.capture.splitter import CleanMarker, onboard_export
 from cdp.config import Config, NbdSource, NbdTlsMode, ScanSource, VolumeConfig
 from cdp.daemon.quarantine import Quarantine, pin_clean_point
 from cdp.daemon.replication import make_senders, make_targets, replica_alerts
+from cdp.daemon.site import journal_doc
 from cdp.daemon.snapshots import grid_enabled, snapshot_round
 from cdp.detector import DetectorConfig, GroupDetector
 from cdp.nbd.export import Export, ExportSet
@@ -571,12 +572,10 @@ class Daemon:
         alerts: list[str] = []
         for g in self.groups.values():
             st = g.journal.status()
-            w = st.window
             galerts = list(st.alerts)
             if g.last_retention_error:
                 galerts.append(f"retention failed: {g.last_retention_error}")
             alerts += [f"{g.name}: {a}" for a in galerts]
-            lc = st.last_checkpoint
             for q in g.quarantines:
                 d = q.detection
                 point = f"snapshot:{q.snapshot}" if q.snapshot else f"seq:{d.last_clean_seq}"
@@ -589,43 +588,19 @@ class Daemon:
             reps = [s.status() for (gn, _), s in self.senders.items() if gn == g.name]
             for r in reps:
                 alerts += replica_alerts(g.name, r)
-            groups.append(
-                {
-                    "name": g.name,
-                    "volumes": [v.name for v in g.volumes],
-                    "window": {
-                        "first_seq": w.first_seq,
-                        "last_seq": w.last_seq,
-                        "first_ts_ns": w.first_ts,
-                        "last_ts_ns": w.last_ts,
-                    },
-                    "journal_bytes": st.segment_bytes + st.pack_bytes,
-                    "segments": st.segments,
-                    "unsealed_segments": st.unsealed_segments,
-                    "index_bytes": st.index_bytes,
-                    "last_checkpoint": None
-                    if lc is None
-                    else {"seq": lc.seq, "ts_ns": lc.ts, "name": lc.name, "kind": str(lc.kind)},
-                    "holds": [{"kind": h.kind, "name": h.name, "seq": h.seq} for h in st.holds],
-                    "history_short": st.history_short,
-                    "replicas": reps,
-                    "detector": None
-                    if g.detector is None
-                    else {
-                        "sampled": g.detector.sampled,
-                        "sampled_bytes": g.detector.sampled_bytes,
-                        "alarms": len(g.quarantines),
-                    },
-                    "alerts": galerts,
-                    "recovery": {
-                        "truncated_segment": st.recovery.truncated_segment,
-                        "truncated_at": st.recovery.truncated_at,
-                        "truncated_bytes": st.recovery.truncated_bytes,
-                        "index_rebuilt": st.recovery.index_rebuilt,
-                        "last_seq": st.recovery.last_seq,
-                    },
+            doc = journal_doc(g.name, [v.name for v in g.volumes], st)
+            doc["replicas"] = reps
+            doc["detector"] = (
+                None
+                if g.detector is None
+                else {
+                    "sampled": g.detector.sampled,
+                    "sampled_bytes": g.detector.sampled_bytes,
+                    "alarms": len(g.quarantines),
                 }
             )
+            doc["alerts"] = galerts
+            groups.append(doc)
         volumes = []
         for v in self.volumes.values():
             if v.export is not None:
