@@ -228,6 +228,16 @@ def _group(g: Mapping[str, object]) -> list[str]:
         for r in reps:
             if isinstance(r, Mapping):
                 fields.append(("replica", _replica_line(r)))
+    det = g.get("detector")
+    if isinstance(det, Mapping):
+        n = det.get("alarms")
+        fields.append(
+            (
+                "detector",
+                f"watching ({approx_size(det.get('sampled_bytes'))} sampled); "
+                + (f"{_cell(n)} alarm(s): see the alerts" if n else "no alarm"),
+            )
+        )
     rep = g.get("replica")
     if isinstance(rep, Mapping):
         fields.append(
