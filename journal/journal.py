@@ -797,6 +797,8 @@ class Journal:
         at = self.next_seq - 1 if at is None else at
         self._check_point(at)
         with self._map_lock:
+            if at < self.base_seq:  # folded between the check and the lock
+                self._check_point(at)
             vm = self._vol(volume)
             if offset < 0 or offset + len(out) > vm.size:
                 raise ValueError(
@@ -884,6 +886,12 @@ class Journal:
         no_t, size_t, w_t = self._tail
         if sync:
             self.sync()
+            # what fsyncs have covered: whole segments before ``end_no``, ``end_size`` of it
+            end_no, end_size = self._durable
+        elif w_t is not None:
+            end_no, end_size = no_t, size_t  # handed to the OS: complete frames up to here
+        else:
+            end_no, end_size = 1 << 62, 0
         out: list[Record] = []
         nbytes = 0
         while len(out) < max_records and nbytes < max_bytes:
@@ -897,7 +905,9 @@ class Journal:
                 if seg is None:
                     break
                 no, sealed, last_seq = seg.no, seg.sealed, seg.last_seq
-            limit = size_t if (w_t is not None and no == no_t) else None
+            if no > end_no:
+                break  # not covered by any fsync yet: a power cut could still take it
+            limit = end_size if no == end_no and not sealed else None
             recs, cursor = self._read_segment(
                 no, sealed, start, limit, max_bytes - nbytes, max_records - len(out), cursor
             )
@@ -1278,6 +1288,8 @@ class Journal:
         """Keep the point ``seq`` (default: latest) beyond the journal window."""
         if not _SNAP_NAME.fullmatch(name):
             raise ValueError("snapshot names are 1-64 letters, digits, '.', '_' or '-'")
+        if not 0 <= locked_until < 1 << 63:
+            raise ValueError("a lock ends at a time in ns below 2**63")
         with self._maint_lock:
             self._check_open()
             if name in self._snaps:
@@ -1286,7 +1298,11 @@ class Journal:
             self._check_point(at)
             s = Snapshot(name, Seq(at), self.ts_of(at), self.clock(), locked_until, kind)
             self._snaps[name] = s
-            self._save_snapshots()
+            try:
+                self._save_snapshots()
+            except BaseException:
+                del self._snaps[name]
+                raise
             return s
 
     def snapshots(self) -> list[Snapshot]:
@@ -1300,17 +1316,25 @@ class Journal:
 
     def lock_snapshot(self, name: str, until_ns: int) -> Snapshot:
         """Lock until ``until_ns``; a lock is only ever extended, never shortened."""
+        if not 0 <= until_ns < 1 << 63:
+            raise ValueError("a lock ends at a time in ns below 2**63")
         with self._maint_lock:
             s = self.find_snapshot(name)
             if until_ns > s.locked_until:
-                s = replace(s, locked_until=until_ns)
+                old, s = s, replace(s, locked_until=until_ns)
                 self._snaps[name] = s
-                self._save_snapshots()
+                try:
+                    self._save_snapshots()
+                except BaseException:
+                    self._snaps[name] = old  # memory never claims what the disk does not
+                    raise
             return s
 
     def delete_snapshot(self, name: str, *, now_ns: int | None = None) -> None:
         """Forget a snapshot (its blocks go at the next collection). Refused while locked."""
-        now = self.clock() if now_ns is None else now_ns
+        # a caller may bring its own time (a plan's), but never one past the journal's clock:
+        # no path can bring a lock's end closer
+        now = self.clock() if now_ns is None else min(now_ns, self.clock())
         with self._maint_lock:
             s = self.find_snapshot(name)
             if s.locked_until > now:

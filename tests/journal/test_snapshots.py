@@ -115,6 +115,9 @@ def test_a_locked_snapshot_survives_every_delete_and_fold(tmp_path: Path) -> Non
     j = _open(tmp_path / "j", clock)
     with pytest.raises(SnapshotLocked):
         j.delete_snapshot("locked")  # the lock is on disk too
-    j.delete_snapshot("locked", now_ns=until)
+    with pytest.raises(SnapshotLocked):
+        j.delete_snapshot("locked", now_ns=until)  # a caller's clock cannot end a lock early
+    clock.set(until)
+    j.delete_snapshot("locked")
     assert j.snapshots() == []
     j.close()
