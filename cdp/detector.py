@@ -146,10 +146,17 @@ class GroupDetector:
         out = []
         for r in records:
             if isinstance(r, ZeroRecord):
-                m = self.maps.setdefault(r.volume, {})
-                for b in range(r.offset // BLOCK, (r.offset + r.length - 1) // BLOCK + 1):
-                    m.pop(b, None)
-                    m[b] = EMPTY
+                # forget the range (a later write asks the journal: zeroes there, so EMPTY);
+                # storing a class per block would cost RAM per byte trimmed (mkfs, fstrim)
+                m = self.maps.get(r.volume)
+                if m:
+                    lo, hi = r.offset // BLOCK, (r.offset + r.length - 1) // BLOCK
+                    if hi - lo + 1 <= len(m):
+                        for b in range(lo, hi + 1):
+                            m.pop(b, None)
+                    else:
+                        for b in [b for b in m if lo <= b <= hi]:
+                            del m[b]
             elif isinstance(r, WriteRecord) and r.data is not None:
                 if r.volume in self.excluded:
                     continue

@@ -310,7 +310,8 @@ class Receiver:
     # ------------------------------------------------------------------ handlers
     async def h_position(self, request: web.Request) -> web.Response:
         g = await self._group(request.match_info["group"], create=True)
-        return _json(200, self.position(g))
+        async with g.lock:  # never while a batch is between its append and its fsync
+            return _json(200, self.position(g))
 
     async def h_have(self, request: web.Request) -> web.Response:
         g = await self._group(request.match_info["group"], create=True)
@@ -425,7 +426,10 @@ class Receiver:
                 )
             if bound is not g.meta:
                 await asyncio.to_thread(self._save_meta, g, bound)
-            if durable >= g.journal.window().first_seq:
+            pinned = ("snapshot", "resync-pin") in g.journal.holds
+            if not pinned and durable >= g.journal.window().first_seq:
+                # the consistent point before the first resync; an interrupted resync that
+                # starts again must not move the pin onto its half-written state
                 await asyncio.to_thread(g.journal.set_hold, "snapshot", "resync-pin", durable)
         log.warning(
             "replica resync started: changed blocks only",

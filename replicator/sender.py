@@ -531,7 +531,10 @@ class Sender:
         while k < len(recs):
             batch: list[Record] = []
             size = 0
-            while k < len(recs) and (not batch or size < self._batch_bytes()):
+            while k < len(recs) and (
+                not batch
+                or (size < self._batch_bytes() and len(batch) < self.target.max_batch_records)
+            ):
                 r = recs[k]
                 if isinstance(r, WriteRecord):
                     data = await asyncio.to_thread(j.read, r.volume, r.offset, r.length, s)

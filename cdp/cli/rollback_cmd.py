@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("not rolled back")
             return 1
+    if when_to_api(when).get("kind") != "snapshot":  # a snapshot may be beyond the window
+        body["when"] = {"kind": "seq", "seq": preview["seq"]}  # exactly the point shown
     reply = asyncio.run(client.post("/v1/rollback", {**body, "force": args.force}))
     if reply.get("dry_run") is not False:
         raise OperationFailed(f"the daemon's rollback reply is incomplete: {reply}")

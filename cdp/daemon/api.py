@@ -441,7 +441,10 @@ class ApiServer:
         self.runner = web.AppRunner(make_app(daemon), access_log=None)
 
     async def start(self) -> None:
+        from cdp.daemon.api_recover import cleanup_stale_exports
+
         await asyncio.to_thread(release_stale_image_holds, self.daemon)
+        await asyncio.to_thread(cleanup_stale_exports, self.daemon)
         await self.runner.setup()
         a = self.address
         if a.kind == "unix":

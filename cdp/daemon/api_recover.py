@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +50,15 @@ def _int(doc: dict[str, Any], key: str, *, required: bool = False) -> int | None
     v = doc.get(key)
     if v is None and not required:
         return None
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ApiError(400, f"{key}: expected a non-negative integer")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 62:
+        raise ApiError(400, f"{key}: expected a non-negative integer below 2**62")
+    return v
+
+
+def _flag(doc: dict[str, Any], key: str) -> bool:
+    v = doc.get(key, False)
+    if not isinstance(v, bool):
+        raise ApiError(400, f"{key}: expected true or false")
     return v
 
 
@@ -123,12 +131,12 @@ async def prune_snapshots(request: web.Request) -> web.Response:
     d = request.app[DAEMON_KEY]
     doc = await _body(request)
     g = _target(d, doc)
-    dry = bool(doc.get("dry_run", False))
+    dry = _flag(doc, "dry_run")
     grid = d.config.retention.snapshots
     now = d.clock()
     snaps = g.journal.snapshots()
     plan = plan_retention(
-        [SnapshotInfo(s.name, s.ts, s.kind, s.locked_until) for s in snaps], grid, now
+        [SnapshotInfo(s.name, s.created_ts, s.kind, s.locked_until) for s in snaps], grid, now
     )
     deleted, refused = [], []
     if not dry:
@@ -206,10 +214,10 @@ async def rollback(request: web.Request) -> web.Response:
     p = await asyncio.to_thread(plan, j, g.name, [v.config.name for v in vols], seq, snapshot)
     connected = {v.config.name: len(v.export.connections) for v in vols if v.export is not None}
     out: dict[str, Any] = {**p.doc(), "connected": connected, "nearest": _nearest(j, seq)}
-    if doc.get("dry_run"):
+    if _flag(doc, "dry_run"):
         return _reply(200, {**out, "dry_run": True})
     busy = {k: n for k, n in connected.items() if n}
-    if busy and not doc.get("force"):
+    if busy and not _flag(doc, "force"):
         raise ApiError(
             409,
             "NBD clients are connected to "
@@ -218,7 +226,10 @@ async def rollback(request: web.Request) -> web.Response:
             hint="shut the VM down first, or --force to disconnect it (then restart the VM)",
         )
     hidden: list[tuple[Any, str, Export]] = []
-    t = d.clock() // 10**9
+    t = d.clock() // 10**6  # ms: two rollbacks in one second get their own checkpoints
+    hold = f"point-export:rollback-{t}"
+    if snapshot is None:  # retention must not fold the point away while it is read
+        await asyncio.to_thread(j.set_hold, "export", hold, seq)
     try:
         for v in vols:
             ex = v.export
@@ -238,6 +249,9 @@ async def rollback(request: web.Request) -> web.Response:
     finally:
         for es, name, ex in hidden:
             es.exports[name] = ex
+        if snapshot is None:
+            with contextlib.suppress(JournalError):
+                await asyncio.to_thread(j.release_hold, "export", hold)
     log.warning(
         "volumes rolled back",
         extra={"group": g.name, "to_seq": seq, "bytes": p.changed_bytes, "pre_seq": pre},
@@ -306,6 +320,20 @@ def _export_dir(d: Any) -> str:
     return str(rc.state_dir if d.read_only and rc is not None else d.config.daemon.state_dir)
 
 
+def cleanup_stale_exports(d: Any) -> None:
+    """Overlays and sockets of exports an earlier process left behind (a crash, kill -9)."""
+    folder = _export_dir(d)
+    with contextlib.suppress(OSError):
+        for n in os.listdir(folder):
+            p = os.path.join(folder, n)
+            if n.startswith("export-") and n.endswith(".overlay") and os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+                log.warning("removed a stale export overlay", extra={"path": p})
+            elif n.startswith("export-") and n.endswith(".sock"):
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+
+
 async def create_export(request: web.Request) -> web.Response:
     """Serve a past point over NBD now (reads from the journal; writes to a throwaway overlay)."""
     d = request.app[DAEMON_KEY]
@@ -318,7 +346,7 @@ async def create_export(request: web.Request) -> web.Response:
     if isinstance(when, dict) and when.get("kind") == "snapshot":
         s = j.find_snapshot(str(when.get("id")))
         snapshot = s.name if s.materialized else None
-    writable = bool(doc.get("writable", False))
+    writable = _flag(doc, "writable")
     eid = secrets.token_hex(4)
     listen = doc.get("listen")
     try:
@@ -329,7 +357,7 @@ async def create_export(request: web.Request) -> web.Response:
         )
     except ValueError as e:
         raise ApiError(400, f"listen: {e}") from e
-    if addr.kind == "tcp" and not addr.is_loopback() and not doc.get("public"):
+    if addr.kind == "tcp" and not addr.is_loopback() and not _flag(doc, "public"):
         raise ApiError(
             400, "listen: an export on a non-loopback address serves data unauthenticated",
             hint="use a unix socket or 127.0.0.1 (then ssh -L), or pass --public",
@@ -355,7 +383,7 @@ async def create_export(request: web.Request) -> web.Response:
                 journal_of,
                 seq=seq,
                 snapshot=snapshot,
-                overlay=os.path.join(overlay_dir, f"{name}.overlay"),
+                overlay=os.path.join(overlay_dir, f"{len(exports)}.overlay"),
                 writable=writable,
                 chunk_size=j.opts.chunk_size,
             )

@@ -116,6 +116,7 @@ class Daemon:
         self.senders = make_senders(
             targets, {n: _journal_of(g) for n, g in self.groups.items()}, self.clock
         )
+        await asyncio.to_thread(self._release_removed_replicas)
         api = ApiServer(self, self.config.daemon.api)
         try:
             await self._start_exports()
@@ -146,6 +147,18 @@ class Daemon:
             await self._stop_exports()
             await asyncio.to_thread(self._close_journals)
             log.info("daemon stopped; journals synced and closed")
+
+    def _release_removed_replicas(self) -> None:
+        """A ``[[replica]]`` removed from the config no longer holds history back."""
+        names = {r.name for r in self.config.replicas}
+        for g in self.groups.values():
+            for kind, name in list(g.journal.holds):
+                if kind == "replica" and name not in names:
+                    g.journal.release_hold(kind, name)
+                    log.warning(
+                        "released the hold of a replica no longer configured",
+                        extra={"group": g.name, "replica": name},
+                    )
 
     async def _start_exports(self) -> None:
         """Open every nbd volume's image and listen; volumes sharing an address share a server."""

@@ -26,7 +26,9 @@ def snapshot_round(j: Journal, grid: SnapshotGrid, now_ns: int, group: str) -> l
     done: list[str] = []
     if not grid_enabled(grid):
         return done
-    infos = [SnapshotInfo(s.name, s.ts, s.kind, s.locked_until) for s in j.snapshots()]
+    # bucketed by when each was taken: on an idle volume the point (and its time) stays
+    # the same for hours, and must not make a new snapshot due every round
+    infos = [SnapshotInfo(s.name, s.created_ts, s.kind, s.locked_until) for s in j.snapshots()]
     if scheduled_due(infos, grid, now_ns) and j.window().last_seq > 0:
         name = scheduled_name(now_ns)
         if all(i.name != name for i in infos):
@@ -37,7 +39,7 @@ def snapshot_round(j: Journal, grid: SnapshotGrid, now_ns: int, group: str) -> l
                 extra={"group": group, "snapshot": name, "seq": s.seq, "locked_until": until},
             )
             done.append(f"created {name}")
-            infos.append(SnapshotInfo(s.name, s.ts, s.kind, s.locked_until))
+            infos.append(SnapshotInfo(s.name, s.created_ts, s.kind, s.locked_until))
     for name in plan_retention(infos, grid, now_ns).deletes():
         try:
             j.delete_snapshot(name, now_ns=now_ns)
