@@ -129,6 +129,8 @@ class GroupDetector:
     detections: list[Detection] = field(default_factory=list)
     sampled: int = 0
     sampled_bytes: int = 0
+    _sus: int = 0  # suspicious bytes in the window
+    _over: int = 0  # overwritten bytes in the window
     _cctx: zstandard.ZstdCompressor = field(
         default_factory=lambda: zstandard.ZstdCompressor(
             level=1, write_content_size=False, write_checksum=False
@@ -206,22 +208,26 @@ class GroupDetector:
         cfg = self.config
         w = self.window
         w.append(ev)
+        self._sus += ev.suspicious  # running sums: scoring costs the same at any write rate
+        self._over += ev.overwrite
         if ev.incompressible:
             self.recent_hi.append((ev.ts, ev.seq))
         while self.recent_hi and self.recent_hi[0][0] < ev.ts - cfg.burst_gap_ns:
             self.recent_hi.popleft()
         while w and w[0].ts < ev.ts - cfg.window_ns:
-            w.popleft()
+            old = w.popleft()
+            self._sus -= old.suspicious
+            self._over -= old.overwrite
         if ev.suspicious:
             if self.burst_first is None or ev.ts - self.last_suspicious_ts > cfg.burst_gap_ns:
                 self.burst_first = (ev.seq, ev.ts)  # a new burst (or the first)
             self.last_suspicious_ts = ev.ts
-        sus = sum(e.suspicious for e in w)
+        sus = self._sus
         if sus == 0 or self.burst_first is None:
             return None
         if ev.ts < self.quiet_until:
             return None
-        total = sum(e.overwrite for e in w)
+        total = self._over
         if sus < cfg.min_bytes or sus < cfg.min_fraction * total:
             return None
         seq0, ts0 = self._walk_back(*self.burst_first)
