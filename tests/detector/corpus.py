@@ -311,6 +311,7 @@ def encrypt_in_place(path: Path, *, limit: int | None = None) -> None:
             str(path),
         ],
         stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # a partial encryptor closes the pipe early: EPIPE is fine
     )
     subprocess.run(
         ["dd", f"of={path}", "conv=notrunc,fsync", "bs=64k", "iflag=fullblock",
