@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import ssl
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -246,25 +245,6 @@ def run_receiver(
     config: Config, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
 ) -> int:
     """Entry point for ``cdp replica serve``: SIGTERM/SIGINT stop it; returns the exit code."""
-    import signal
+    from cdp.daemon.service import run_until_signal
 
-    if loop_factory is None and config.daemon.event_loop == "uvloop":
-        try:
-            import uvloop
-
-            loop_factory = uvloop.new_event_loop
-        except ImportError:
-            loop_factory = None
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await ReceiverService(config).run(stop)
-
-    t0 = time.monotonic()
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(main())
-    log.info("exiting", extra={"uptime_s": round(time.monotonic() - t0, 3)})
-    return 0
+    return run_until_signal(config, lambda stop: ReceiverService(config).run(stop), loop_factory)

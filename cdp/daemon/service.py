@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -690,6 +690,15 @@ def run_daemon(
     config: Config, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
 ) -> int:
     """Entry point for ``cdp daemon``: signals set the stop event; returns the exit code."""
+    return run_until_signal(config, lambda stop: Daemon(config).run(stop), loop_factory)
+
+
+def run_until_signal(
+    config: Config,
+    serve: Callable[[asyncio.Event], Awaitable[None]],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> int:
+    """Run a service on the configured event loop until SIGTERM or SIGINT (both sites)."""
     if loop_factory is None and config.daemon.event_loop == "uvloop":
         try:
             import uvloop
@@ -703,7 +712,7 @@ def run_daemon(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Daemon(config).run(stop)
+        await serve(stop)
 
     t0 = time.monotonic()
     with asyncio.Runner(loop_factory=loop_factory) as runner:
