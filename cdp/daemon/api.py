@@ -25,6 +25,7 @@ from journal import (
     NoSuchSnapshot,
     PointNotRetained,
     Snapshot,
+    SnapshotLocked,
 )
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                 },
             },
         )
+    except NoSuchSnapshot as e:
+        return _reply(404, {"error": str(e), "hint": e.hint})
+    except SnapshotLocked as e:  # the journal refuses it, whoever asks
+        return _reply(409, {"error": str(e), "hint": e.hint, "locked_until_ns": e.until_ns})
     except JournalError as e:
         log.error("request failed", extra={"path": request.path, "err": str(e)})
         return _reply(500, {"error": str(e), **({"hint": e.hint} if e.hint else {})})

@@ -28,7 +28,7 @@ from cdp.nbd.point import PointExport
 from cdp.nbd.server import NbdServer
 from cdp.snapshot_plan import SnapshotInfo, plan_retention
 from cdp.units import Address, parse_address
-from journal import Journal, JournalError, NoSuchSnapshot, Snapshot, SnapshotLocked
+from journal import Journal, JournalError, Snapshot, SnapshotLocked
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,7 @@ async def delete_snapshot(request: web.Request) -> web.Response:
     g = _target(d, doc)
     name = _str(doc, "name")
     assert name is not None
-    try:
-        await asyncio.to_thread(g.journal.delete_snapshot, name)
-    except NoSuchSnapshot as e:
-        raise ApiError(404, str(e), hint=e.hint) from e
-    except SnapshotLocked as e:
-        raise ApiError(409, str(e), hint=e.hint, locked_until_ns=e.until_ns) from e
+    await asyncio.to_thread(g.journal.delete_snapshot, name)
     log.info("snapshot deleted", extra={"group": g.name, "snapshot": name})
     return _reply(200, {"group": g.name, "name": name, "deleted": True})
 
@@ -120,8 +115,8 @@ async def lock_snapshot(request: web.Request) -> web.Response:
     until = until if until is not None else d.clock() + (lock_for or 0)
     try:
         s = await asyncio.to_thread(g.journal.lock_snapshot, name, until)
-    except NoSuchSnapshot as e:
-        raise ApiError(404, str(e), hint=e.hint) from e
+    except ValueError as e:
+        raise ApiError(400, str(e)) from e
     log.info("snapshot locked", extra={"group": g.name, "snapshot": name, "until": s.locked_until})
     return _reply(200, snapshot_doc(g.name, s))
 
@@ -158,6 +153,14 @@ async def prune_snapshots(request: web.Request) -> web.Response:
             "refused": refused,
         },
     )
+
+
+def _beyond_window(j: Journal, when: object) -> str | None:
+    """The snapshot named by ``when`` if only its manifest still holds it (else None)."""
+    if isinstance(when, dict) and when.get("kind") == "snapshot":
+        s = j.find_snapshot(str(when.get("id")))
+        return s.name if s.materialized else None
+    return None
 
 
 def _nearest(j: Journal, seq: int) -> dict[str, Any]:
@@ -199,10 +202,7 @@ async def rollback(request: web.Request) -> web.Response:
     when = doc.get("when")
     seq = await asyncio.to_thread(resolve_when, g, when)
     j = g.journal
-    snapshot = None
-    if isinstance(when, dict) and when.get("kind") == "snapshot":
-        s = j.find_snapshot(str(when.get("id")))
-        snapshot = s.name if s.materialized else None
+    snapshot = _beyond_window(j, when)
     vols = [v for v in d.volumes.values() if v.group is g]
     not_nbd = [v.config.name for v in vols if v.export is None]
     if not_nbd:
@@ -342,10 +342,7 @@ async def create_export(request: web.Request) -> web.Response:
     when = doc.get("when")
     seq = await asyncio.to_thread(resolve_when, g, when)
     j = g.journal
-    snapshot = None
-    if isinstance(when, dict) and when.get("kind") == "snapshot":
-        s = j.find_snapshot(str(when.get("id")))
-        snapshot = s.name if s.materialized else None
+    snapshot = _beyond_window(j, when)
     writable = _flag(doc, "writable")
     eid = secrets.token_hex(4)
     listen = doc.get("listen")

@@ -94,6 +94,8 @@ def test_rollback_dry_run_refusal_force_and_roll_forward(tmp_path: Path) -> None
             assert same_bytes(tmp_path / "disk0.raw", evil), "rolling forward again"
             # the snapshot is locked: no path deletes it
             assert cdp(cfg, "snapshot", "delete", "disk0", "--name", "s-good", check=None).code == 1
+            r = cdp(cfg, "snapshot", "delete", "disk0", "--name", "nope", check=None)
+            assert r.code == 1 and "no snapshot named 'nope'" in r.err, r.err
             snaps = json.loads(cdp(cfg, "snapshot", "list", "disk0", "--json").out)
             assert [s["name"] for s in snaps] == ["s-good"]
             cdp(cfg, "rollback", "disk0", "--to", "snapshot:s-good", "--yes")
