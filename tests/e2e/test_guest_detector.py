@@ -35,10 +35,9 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.guest_steps import boot_mode, need_tools, printed_sums
 from tests.guest.vm import (
-    GuestKernel,
     GuestResult,
-    boot_guest,
     guest_kernel_or_skip,
     make_ext4_image,
     nbd_drive_spec,
@@ -102,12 +101,6 @@ done
 """
 
 
-def _need_tools(*tools: str) -> None:
-    for t in tools:
-        if shutil.which(t) is None and shutil.which(t, path="/usr/sbin:/sbin") is None:
-            pytest.skip(f"{t} is not installed (deploy/packages.txt; scripts/bootstrap)")
-
-
 def _config(tmp: Path, sock: Path, image: Path) -> Path:
     cfg = tmp / "cdp.toml"
     cfg.write_text(
@@ -117,21 +110,6 @@ def _config(tmp: Path, sock: Path, image: Path) -> Path:
         f'source = "nbd"\nimage = "{image}"\nlisten = "unix:{sock / NAME}.sock"\n'
     )
     return cfg
-
-
-def _boot(kernel: GuestKernel, drive: str, mode: str, log: Path) -> GuestResult:
-    result = boot_guest(
-        kernel, drive, timeout_s=300, kernel_args=[f"cdp.mode={mode}"], log_path=log
-    ).check()
-    assert result.value("mode") == mode, result.describe()
-    return result
-
-
-def _sums(result: GuestResult) -> dict[str, str]:
-    sums = {f: result.value(f) for f in FILES}
-    missing = [f for f, s in sums.items() if not s]
-    assert not missing, f"the guest printed no checksum for {missing}: {result.markers}"
-    return {f: s for f, s in sums.items() if s}
 
 
 def _sizes(result: GuestResult) -> dict[str, int]:
@@ -187,7 +165,7 @@ def _detector_log(d: Daemon) -> str:
 
 
 def test_guest_in_place_encryption_is_flagged_and_rolled_back(tmp_path: Path) -> None:
-    _need_tools("qemu-img", "debugfs", "e2fsck")
+    need_tools("qemu-img", "debugfs", "e2fsck")
     kernel = guest_kernel_or_skip()
     image = tmp_path / "disk.raw"
     make_ext4_image(image, SIZE_MIB, {}, workload=WORKLOAD)
@@ -200,8 +178,8 @@ def test_guest_in_place_encryption_is_flagged_and_rolled_back(tmp_path: Path) ->
             live = nbd_drive_spec(sock / f"{NAME}.sock", NAME)
 
             # 1. the guest writes compressible files into empty space: ordinary
-            written = _boot(kernel, live, "write", tmp_path / "guest1.log")
-            clean, sizes = _sums(written), _sizes(written)
+            written = boot_mode(kernel, live, "write", tmp_path / "guest1.log", timeout_s=300)
+            clean, sizes = printed_sums(written, FILES), _sizes(written)
             _idle(d)
             assert sum(sizes.values()) >= MIN_TOTAL, sizes
             assert sum(s > 1 << 20 for s in sizes.values()) >= 2, sizes
@@ -215,11 +193,13 @@ def test_guest_in_place_encryption_is_flagged_and_rolled_back(tmp_path: Path) ->
 
             # 2. ransomware overwrites every file in place with incompressible bytes
             t_attack = time.time_ns()
-            encrypted = _boot(kernel, live, "encrypt", tmp_path / "guest2.log")
+            encrypted = boot_mode(kernel, live, "encrypt", tmp_path / "guest2.log", timeout_s=300)
             assert _sizes(encrypted) == sizes, "the files were not overwritten in place"
             _idle(d)
             on_disk = _image_sums(image)
-            assert on_disk == _sums(encrypted), "the image does not hold the overwritten files"
+            assert on_disk == printed_sums(encrypted, FILES), (
+                "the image does not hold the overwritten files"
+            )
             for f in FILES:
                 assert on_disk[f] != clean[f], f"{f} was not overwritten"
 

@@ -27,10 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.guest_steps import boot_mode, need_tools, printed_sums
 from tests.guest.vm import (
-    GuestKernel,
-    GuestResult,
-    boot_guest,
     guest_kernel_or_skip,
     make_ext4_image,
     nbd_drive_spec,
@@ -85,12 +83,6 @@ done
 """
 
 
-def _need_tools(*tools: str) -> None:
-    for t in tools:
-        if shutil.which(t) is None and shutil.which(t, path="/usr/sbin:/sbin") is None:
-            pytest.skip(f"{t} is not installed (deploy/packages.txt; scripts/bootstrap)")
-
-
 def _config(tmp: Path, sock: Path, image: Path) -> Path:
     cfg = tmp / "cdp.toml"
     cfg.write_text(
@@ -99,21 +91,6 @@ def _config(tmp: Path, sock: Path, image: Path) -> Path:
         f'source = "nbd"\nimage = "{image}"\nlisten = "unix:{sock / NAME}.sock"\n'
     )
     return cfg
-
-
-def _boot(kernel: GuestKernel, drive: str, mode: str, log: Path) -> GuestResult:
-    result = boot_guest(
-        kernel, drive, timeout_s=240, kernel_args=[f"cdp.mode={mode}"], log_path=log
-    ).check()
-    assert result.value("mode") == mode, result.describe()
-    return result
-
-
-def _sums(result: GuestResult) -> dict[str, str]:
-    sums = {f: result.value(f) for f in FILES}
-    missing = [f for f, s in sums.items() if not s]
-    assert not missing, f"the guest printed no checksum for {missing}: {result.markers}"
-    return {f: s for f, s in sums.items() if s}
 
 
 def _image_sums(image: Path) -> dict[str, str]:
@@ -145,7 +122,7 @@ def _export(cfg: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
 
 
 def test_guest_ransomware_rollback_and_export(tmp_path: Path) -> None:
-    _need_tools("qemu-img", "debugfs", "e2fsck")
+    need_tools("qemu-img", "debugfs", "e2fsck")
     kernel = guest_kernel_or_skip()
     image = tmp_path / "disk.raw"
     make_ext4_image(image, SIZE_MIB, {}, workload=WORKLOAD)
@@ -158,14 +135,16 @@ def test_guest_ransomware_rollback_and_export(tmp_path: Path) -> None:
             live = nbd_drive_spec(sock / f"{NAME}.sock", NAME)
 
             # 1. the guest writes its files; 2. checkpoint them
-            clean = _sums(_boot(kernel, live, "write", tmp_path / "guest1.log"))
+            first = boot_mode(kernel, live, "write", tmp_path / "guest1.log", timeout_s=240)
+            clean = printed_sums(first, FILES)
             _idle(d)
             assert len(set(clean.values())) == len(FILES), clean
             assert _image_sums(image) == clean, "the image does not hold the guest's files"
             cdp(cfg, "checkpoint", NAME, "--name", "clean")
 
             # 3. ransomware overwrites every file in place
-            encrypted = _sums(_boot(kernel, live, "encrypt", tmp_path / "guest2.log"))
+            second = boot_mode(kernel, live, "encrypt", tmp_path / "guest2.log", timeout_s=240)
+            encrypted = printed_sums(second, FILES)
             _idle(d)
             on_disk = _image_sums(image)
             assert on_disk == encrypted, "the image does not hold the overwritten files"
@@ -186,8 +165,10 @@ def test_guest_ransomware_rollback_and_export(tmp_path: Path) -> None:
             p, uri = _export(cfg, NAME, "--at", "checkpoint:clean")
             try:
                 drive = f"file={uri.replace(',', ',,')},format=raw,if=virtio,readonly=on"
-                verified = _boot(kernel, drive, "verify", tmp_path / "guest3.log")
-                assert _sums(verified) == clean
+                verified = boot_mode(
+                    kernel, drive, "verify", tmp_path / "guest3.log", timeout_s=240
+                )
+                assert printed_sums(verified, FILES) == clean
                 assert verified.value("note") == "absent", verified.markers
                 assert verified.value("mnt") == "ro", verified.markers  # the drive is read-only
             finally:
