@@ -383,27 +383,11 @@ class Demo:
             "SIGTERM drains the daemon and the receiver, syncs their journals and exits 0.",
         )
         if self.receiver is not None:
-            print(f"\n$ kill -TERM {self.receiver.pid}")
-            self.receiver.send_signal(signal.SIGTERM)
-            try:
-                rcode = self.receiver.wait(timeout=DEADLINE_S)
-            except subprocess.TimeoutExpired as e:
-                raise DemoFailed("the receiver did not exit after SIGTERM") from e
+            _terminate(self.receiver, "receiver")
             self.receiver = None
-            print(f"  receiver exited with code {rcode}")
-            if rcode != 0:
-                raise DemoFailed(f"the receiver exited {rcode} after SIGTERM")
         assert self.daemon is not None
-        print(f"\n$ kill -TERM {self.daemon.pid}")
-        self.daemon.send_signal(signal.SIGTERM)
-        try:
-            code = self.daemon.wait(timeout=DEADLINE_S)
-        except subprocess.TimeoutExpired as e:
-            raise DemoFailed("the daemon did not exit after SIGTERM") from e
+        _terminate(self.daemon, "daemon")
         self.daemon = None
-        print(f"  daemon exited with code {code}")
-        if code != 0:
-            raise DemoFailed(f"the daemon exited {code} after SIGTERM")
 
     def cleanup(self) -> None:
         """Stop services still running after a failure (SIGTERM, then SIGKILL)."""
@@ -425,6 +409,19 @@ class Demo:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _terminate(proc: subprocess.Popen[bytes], what: str) -> None:
+    """SIGTERM, as systemd would, and insist on exit code 0."""
+    print(f"\n$ kill -TERM {proc.pid}")
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired as e:
+        raise DemoFailed(f"the {what} did not exit after SIGTERM") from e
+    print(f"  {what} exited with code {code}")
+    if code != 0:
+        raise DemoFailed(f"the {what} exited {code} after SIGTERM")
 
 
 def _free_port() -> int:
