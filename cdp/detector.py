@@ -18,9 +18,24 @@ others, so a coarser map would see the second file's old content as the first on
 
 Scoring: over a sliding window of journal time (``window_ns``), the bytes of suspicious
 overwrites (was compressible, now incompressible) against all overwrites of non-empty
-chunks. An alarm needs at least ``min_bytes`` of suspicious overwrites and that they are at
-least ``min_fraction`` of the window's overwrites. The burst starts at its first suspicious
-write since the window was last quiet; the point just before it is the last clean point.
+blocks. Two corrections keep ordinary rewrites of dead space from scoring like encryption:
+
+* Overwrites the other way (incompressible before, compressible now) cancel suspicious
+  ones byte for byte. New content written over a dead file system's blocks (a fresh mkfs
+  over a used, untrimmed disk, then a copy) turns text into gzip as often as gzip into text;
+  encryption never makes a block compressible.
+* Overwrites of incompressible data with incompressible data count half in the
+  denominator: an attacker encrypting ``.gz`` and ``.jpg`` files writes them, and so does a
+  copy over freed tarballs, so they say little either way; counted fully they dilute an
+  attack on a home directory full of compressed files for seconds.
+
+An alarm needs at least ``min_bytes`` of net suspicious overwrites and a score of at least
+``min_fraction``. The burst starts at its first suspicious write since the window was last
+quiet; the point just before it is the last clean point.
+
+What it cannot tell apart: incompressible files copied onto space that held compressible
+files which were deleted but never trimmed. Without ``discard`` in the guest (or a periodic
+``fstrim``) the block device cannot know those blocks were free; docs/config.md says so.
 """
 
 from __future__ import annotations
@@ -51,6 +66,7 @@ class DetectorConfig:
     min_bytes: int = 512 << 10
     min_fraction: float = 0.25  # file system metadata rewritten around each file dilutes it
     incompressible: float = 0.97  # sampled zstd ratio at or above: looks encrypted/compressed
+    redundant_weight: float = 0.5  # incompressible over incompressible, in the denominator
     compressible: float = 0.90  # at or below: held ordinary data before
     cooldown_ns: int = 60 * 10**9  # one alarm per burst
     burst_gap_ns: int = 5 * 60 * 10**9  # a slow attack pausing less than this is one burst
@@ -74,12 +90,10 @@ class Detection:
     first_ts: int
     detected_seq: int
     detected_ts: int
-    suspicious_bytes: int
+    suspicious_bytes: int  # compressible -> incompressible, in the window
+    reverse_bytes: int  # incompressible -> compressible, in the window (cancels as many)
     overwrite_bytes: int
-
-    @property
-    def score(self) -> float:
-        return self.suspicious_bytes / max(1, self.overwrite_bytes)
+    score: float  # what crossed ``min_fraction``
 
 
 def ratio_class(sample: bytes | memoryview, cctx: zstandard.ZstdCompressor) -> int:
@@ -102,6 +116,7 @@ class _Event:
     overwrite: int
     volume: str
     incompressible: int = 0  # bytes overwritten in place with incompressible data (any before)
+    reverse: int = 0  # overwritten the other way: incompressible before, compressible now
 
 
 @dataclass(slots=True)
@@ -131,6 +146,8 @@ class GroupDetector:
     sampled_bytes: int = 0
     _sus: int = 0  # suspicious bytes in the window
     _over: int = 0  # overwritten bytes in the window
+    _redundant: int = 0  # of those, incompressible over incompressible
+    _reverse: int = 0  # of those, incompressible -> compressible
     _cctx: zstandard.ZstdCompressor = field(
         default_factory=lambda: zstandard.ZstdCompressor(
             level=1, write_content_size=False, write_checksum=False
@@ -171,7 +188,7 @@ class GroupDetector:
         assert r.data is not None
         data = memoryview(r.data)
         m = self.maps.setdefault(r.volume, {})
-        suspicious = overwrite = incompressible = 0
+        suspicious = overwrite = incompressible = reverse = 0
         first, last = r.offset // BLOCK, (r.offset + r.length - 1) // BLOCK
         unknown = [b for b in range(first, last + 1) if b not in m]
         if unknown:  # one journal read for what this write covers and nobody saw yet
@@ -196,13 +213,17 @@ class GroupDetector:
                     incompressible += z - a
                     if old <= self._lo():
                         suspicious += z - a
+                elif old >= self._hi() and new <= self._lo():
+                    reverse += z - a
             m[b] = new
         if len(m) > self.max_blocks:
             for _ in range(len(m) - self.max_blocks // 2):  # forget the oldest-seen half
                 m.pop(next(iter(m)))
         if overwrite == 0:
             return None
-        return self._score(_Event(r.ts, r.seq, suspicious, overwrite, r.volume, incompressible))
+        return self._score(
+            _Event(r.ts, r.seq, suspicious, overwrite, r.volume, incompressible, reverse)
+        )
 
     def _score(self, ev: _Event) -> Detection | None:
         cfg = self.config
@@ -210,6 +231,8 @@ class GroupDetector:
         w.append(ev)
         self._sus += ev.suspicious  # running sums: scoring costs the same at any write rate
         self._over += ev.overwrite
+        self._redundant += ev.incompressible - ev.suspicious
+        self._reverse += ev.reverse
         if ev.incompressible:
             self.recent_hi.append((ev.ts, ev.seq))
         while self.recent_hi and self.recent_hi[0][0] < ev.ts - cfg.burst_gap_ns:
@@ -218,6 +241,8 @@ class GroupDetector:
             old = w.popleft()
             self._sus -= old.suspicious
             self._over -= old.overwrite
+            self._redundant -= old.incompressible - old.suspicious
+            self._reverse -= old.reverse
         if ev.suspicious:
             if self.burst_first is None or ev.ts - self.last_suspicious_ts > cfg.burst_gap_ns:
                 self.burst_first = (ev.seq, ev.ts)  # a new burst (or the first)
@@ -227,8 +252,12 @@ class GroupDetector:
             return None
         if ev.ts < self.quiet_until:
             return None
+        net = sus - self._reverse
+        if net < cfg.min_bytes:
+            return None
         total = self._over
-        if sus < cfg.min_bytes or sus < cfg.min_fraction * total:
+        score = net / max(1.0, total - cfg.redundant_weight * self._redundant)
+        if score < cfg.min_fraction:
             return None
         seq0, ts0 = self._walk_back(*self.burst_first)
         d = Detection(
@@ -239,7 +268,9 @@ class GroupDetector:
             ev.seq,
             ev.ts,
             sus,
+            self._reverse,
             total,
+            score,
         )
         self.quiet_until = ev.ts + cfg.cooldown_ns
         self.detections.append(d)

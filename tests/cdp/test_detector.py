@@ -1,0 +1,208 @@
+"""The detector's scoring rules on synthetic write streams (no daemon, no file system).
+
+The real-file-system corpus (tests/detector) shows the rules work on what ext4 writes;
+these pin down each rule on its own, so a change to one is caught here by name. The data
+is real text and real random bytes; the prior content comes from an in-memory model of the
+volume, as the journal would give it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from cdp.detector import BLOCK, Detection, DetectorConfig, GroupDetector
+from journal import Record, WriteRecord, ZeroRecord
+
+SEC = 10**9
+MIB = 1 << 20
+
+
+def _pool(n: int = 3 * MIB) -> bytes:
+    rng = random.Random(0)
+    words = b"invoice customer order total amount paid due report quarter the of and".split()
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rng.choice(words) for _ in range(10)) + b".\n"
+    return bytes(out)
+
+
+POOL = _pool()
+
+
+def text(rng: random.Random, n: int) -> bytes:
+    """Compressible like documents are (a slice of generated prose)."""
+    o = rng.randrange(len(POOL) - n)
+    return POOL[o : o + n]
+
+
+class Volume:
+    """A disk image in memory: what ``prior`` reads, and a seq/ts clock for records."""
+
+    def __init__(self, size: int = 64 * MIB) -> None:
+        self.data = bytearray(size)
+        self.seq = 0
+        self.ts = 1000 * SEC
+        self.history: list[tuple[int, int, bytes]] = []  # (seq, offset, bytes before)
+
+    def write(self, offset: int, data: bytes, dt: float = 0.01) -> WriteRecord:
+        self.seq += 1
+        self.ts += int(dt * SEC)
+        self.history.append((self.seq, offset, bytes(self.data[offset : offset + len(data)])))
+        self.data[offset : offset + len(data)] = data
+        return WriteRecord(self.seq, self.ts, "vol", offset, len(data), data)
+
+    def prior(self, volume: str, offset: int, length: int, seq: int) -> bytes:
+        """The bytes as of ``seq``: undo the writes after it (newest first)."""
+        img = bytearray(self.data[offset : offset + length])
+        for s, off, before in reversed(self.history):
+            if s <= seq:
+                break
+            lo, hi = max(off, offset), min(off + len(before), offset + length)
+            if lo < hi:
+                img[lo - offset : hi - offset] = before[lo - off : hi - off]
+        return bytes(img)
+
+
+def detector(v: Volume, **cfg: object) -> GroupDetector:
+    return GroupDetector(64 << 10, DetectorConfig(**cfg), v.prior)  # type: ignore[arg-type]
+
+
+def feed(det: GroupDetector, recs: list[Record]) -> list[Detection]:
+    return list(det.observe(recs))
+
+
+def test_in_place_encryption_of_text_alarms_and_names_the_point_before_it() -> None:
+    rng = random.Random(1)
+    v = Volume()
+    files = [(k * 2 * MIB, text(rng, 1 * MIB)) for k in range(8)]
+    written = [v.write(off, data, dt=0.1) for off, data in files]
+    det = detector(v)
+    assert feed(det, written) == []  # writing text into empty space is ordinary
+    v.ts += 30 * SEC
+    first = v.seq + 1
+    attack = [v.write(off, os.urandom(len(data)), dt=0.2) for off, data in files]
+    found = feed(det, attack)
+    assert len(found) == 1
+    d = found[0]
+    assert d.first_seq == first and d.last_clean_seq == first - 1
+    assert d.reverse_bytes == 0 and d.score >= 0.25
+
+
+def test_a_detector_started_later_reads_what_blocks_held_from_the_journal() -> None:
+    rng = random.Random(2)
+    v = Volume()
+    files = [(k * 2 * MIB, text(rng, 1 * MIB)) for k in range(4)]
+    for off, data in files:
+        v.write(off, data)
+    det = detector(v)  # saw none of the writes above: ``prior`` must tell it
+    found = feed(det, [v.write(off, os.urandom(len(data))) for off, data in files])
+    assert len(found) == 1
+
+
+def test_incompressible_data_into_empty_or_trimmed_space_is_ordinary() -> None:
+    rng = random.Random(3)
+    v = Volume()
+    det = detector(v)
+    recs: list[Record] = [v.write(k * MIB, os.urandom(MIB), dt=0.05) for k in range(16)]
+    # text, then trimmed (a deleted file under ``discard``), then a tarball written there
+    recs += [v.write(32 * MIB + k * MIB, text(rng, MIB)) for k in range(4)]
+    v.seq += 1
+    recs.append(ZeroRecord(v.seq, v.ts, "vol", 32 * MIB, 4 * MIB, trim=True))
+    v.data[32 * MIB : 36 * MIB] = bytes(4 * MIB)
+    recs += [v.write(32 * MIB + k * MIB, os.urandom(MIB)) for k in range(4)]
+    assert feed(det, recs) == []
+
+
+def test_new_content_over_a_dead_file_system_does_not_alarm() -> None:
+    """mkfs without discard over a used disk, then a copy: text and gzip swap places."""
+    rng = random.Random(4)
+    v = Volume()
+    old_kinds = [k % 2 == 1 for k in range(48)]  # True: a compressed file; text, gz, text, gz
+    new_kinds = [k % 4 >= 2 for k in range(48)]  # text, text, gz, gz: one of each transition
+    data = {False: lambda: text(rng, MIB), True: lambda: os.urandom(MIB)}
+    old = [v.write(k * MIB, data[z]()) for k, z in enumerate(old_kinds)]
+    det = detector(v)
+    feed(det, old)
+    v.ts += 60 * SEC
+    new = [v.write(k * MIB, data[z](), dt=0.05) for k, z in enumerate(new_kinds)]
+    assert feed(det, new) == []
+    # it is the cancelling that keeps it quiet: the raw share alone looks like an attack
+    assert det._sus == 12 * MIB and det._over == 48 * MIB and det._reverse == 12 * MIB
+
+
+def test_reverse_overwrites_cancel_suspicious_ones() -> None:
+    rng = random.Random(5)
+    v = Volume()
+    a = [v.write(k * MIB, text(rng, MIB)) for k in range(4)]  # compressible
+    b = [v.write((8 + k) * MIB, os.urandom(MIB)) for k in range(4)]  # incompressible
+    det = detector(v)
+    feed(det, a + b)
+    v.ts += 60 * SEC
+    swap: list[Record] = []
+    for k in range(4):  # as many bytes turn compressible as turn incompressible
+        swap.append(v.write((8 + k) * MIB, text(rng, MIB)))
+        swap.append(v.write(k * MIB, os.urandom(MIB)))
+    assert feed(det, swap) == []
+    # the same suspicious half alone alarms
+    v2 = Volume()
+    det2 = detector(v2)
+    feed(det2, [v2.write(k * MIB, text(rng, MIB)) for k in range(4)])
+    v2.ts += 60 * SEC
+    assert len(feed(det2, [v2.write(k * MIB, os.urandom(MIB)) for k in range(4)])) == 1
+
+
+def test_rewriting_compressed_files_counts_half_against_an_attack() -> None:
+    """Encrypting a home directory that is 2/3 gzip: the 1/3 text is still flagged."""
+    rng = random.Random(6)
+    kinds = [k % 3 != 0 for k in range(24)]  # True: already compressed
+    order = sorted(range(24), key=lambda k: not kinds[k])  # the gzip files come first
+    for weight, alarms in ((0.5, 1), (0.0, 0)):
+        v = Volume()
+        old = [
+            v.write(k * MIB, os.urandom(MIB) if z else text(rng, MIB)) for k, z in enumerate(kinds)
+        ]
+        det = detector(v, redundant_weight=weight, min_fraction=0.4)
+        feed(det, old)
+        v.ts += 60 * SEC
+        enc = [v.write(k * MIB, os.urandom(MIB), dt=0.05) for k in order]
+        # after all 16 gzip files and n text files: n / (16 * (1 - weight) + n) >= 0.4
+        # is reached at n = 6 with weight 0.5, and never (n <= 8) when they count fully
+        assert len(feed(det, enc)) == alarms, weight
+
+
+def test_small_bursts_and_excluded_volumes_stay_quiet() -> None:
+    rng = random.Random(7)
+    v = Volume()
+    det = detector(v)
+    feed(det, [v.write(0, text(rng, 256 << 10))])
+    v.ts += 60 * SEC
+    assert feed(det, [v.write(0, os.urandom(256 << 10))]) == []  # under min_bytes
+    v2 = Volume()
+    det2 = GroupDetector(64 << 10, DetectorConfig(), v2.prior, frozenset({"vol"}))
+    recs = [v2.write(k * MIB, text(rng, MIB)) for k in range(4)]
+    recs += [v2.write(k * MIB, os.urandom(MIB)) for k in range(4)]
+    assert det2.observe(recs) == [] and det2.sampled == 0
+
+
+def test_one_alarm_per_burst_then_quiet_for_the_cooldown() -> None:
+    rng = random.Random(8)
+    v = Volume()
+    recs = [v.write(k * MIB, text(rng, MIB)) for k in range(40)]
+    det = detector(v)
+    det.observe(recs)
+    v.ts += 60 * SEC
+    found = det.observe([v.write(k * MIB, os.urandom(MIB), dt=0.1) for k in range(40)])
+    assert len(found) == 1  # 4 s of encryption: one alarm, not one per write
+    assert found[0].first_seq == 41
+
+
+def test_a_block_keeps_its_own_class() -> None:
+    """Two small files in one 64 KiB chunk: the second one's old content is its own."""
+    rng = random.Random(9)
+    v = Volume()
+    a = v.write(0, os.urandom(BLOCK * 8))  # a compressed file
+    b = v.write(BLOCK * 8, text(rng, BLOCK * 8))  # a text file in the same chunk
+    det = detector(v)
+    det.observe([a, b])
+    assert det.maps["vol"][0] > det.maps["vol"][8]  # incompressible vs compressible class
