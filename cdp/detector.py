@@ -68,8 +68,9 @@ class DetectorConfig:
     incompressible: float = 0.97  # sampled zstd ratio at or above: looks encrypted/compressed
     redundant_weight: float = 0.5  # incompressible over incompressible, in the denominator
     compressible: float = 0.90  # at or below: held ordinary data before
-    cooldown_ns: int = 60 * 10**9  # one alarm per burst
-    burst_gap_ns: int = 5 * 60 * 10**9  # a slow attack pausing less than this is one burst
+    cooldown_ns: int = 60 * 10**9  # at most one alarm a minute, bursts or not
+    burst_gap_ns: int = 5 * 60 * 10**9  # a slow attack pausing less than this is one burst,
+    # and one burst raises one alarm: every later one would pin the same last clean point
 
     @classmethod
     def for_sensitivity(cls, s: Sensitivity) -> DetectorConfig:
@@ -141,6 +142,7 @@ class GroupDetector:
     # burst's start is walked back through these
     recent_hi: deque[tuple[int, int]] = field(default_factory=deque)
     quiet_until: int = 0
+    alarmed_burst: int | None = None  # burst_first seq of the last alarm: one alarm per burst
     detections: list[Detection] = field(default_factory=list)
     sampled: int = 0
     sampled_bytes: int = 0
@@ -250,8 +252,8 @@ class GroupDetector:
         sus = self._sus
         if sus == 0 or self.burst_first is None:
             return None
-        if ev.ts < self.quiet_until:
-            return None
+        if ev.ts < self.quiet_until or self.burst_first[0] == self.alarmed_burst:
+            return None  # the point before this burst is pinned already
         net = sus - self._reverse
         if net < cfg.min_bytes:
             return None
@@ -273,6 +275,7 @@ class GroupDetector:
             score,
         )
         self.quiet_until = ev.ts + cfg.cooldown_ns
+        self.alarmed_burst = self.burst_first[0]
         self.detections.append(d)
         return d
 

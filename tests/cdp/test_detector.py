@@ -206,3 +206,22 @@ def test_a_block_keeps_its_own_class() -> None:
     det = detector(v)
     det.observe([a, b])
     assert det.maps["vol"][0] > det.maps["vol"][8]  # incompressible vs compressible class
+
+
+def test_a_burst_that_goes_on_for_minutes_raises_one_alarm() -> None:
+    """Slow encryption, a file every 20 s: the first alarm pinned the point; no more."""
+    rng = random.Random(10)
+    v = Volume(size=128 * MIB)
+    recs = [v.write(k * MIB, text(rng, MIB)) for k in range(30)]
+    det = detector(v)
+    det.observe(recs)
+    v.ts += 60 * SEC
+    found = det.observe([v.write(k * MIB, os.urandom(MIB), dt=20.0) for k in range(30)])
+    assert len(found) == 1 and found[0].first_seq == 31
+    # after a quiet spell longer than ``burst_gap_ns`` a new burst is a new alarm
+    v.ts += det.config.burst_gap_ns + SEC
+    more = [v.write((64 + k) * MIB, text(rng, MIB)) for k in range(4)]
+    det.observe(more)
+    v.ts += SEC
+    again = det.observe([v.write((64 + k) * MIB, os.urandom(MIB)) for k in range(4)])
+    assert len(again) == 1 and again[0].last_clean_seq > found[0].detected_seq
