@@ -205,7 +205,7 @@ def test_a_block_keeps_its_own_class() -> None:
     b = v.write(BLOCK * 8, text(rng, BLOCK * 8))  # a text file in the same chunk
     det = detector(v)
     det.observe([a, b])
-    assert det.maps["vol"][0] > det.maps["vol"][8]  # incompressible vs compressible class
+    assert det.block_class("vol", 0) > det.block_class("vol", 8)  # type: ignore[operator]  # incompressible vs compressible class
 
 
 def test_a_burst_that_goes_on_for_minutes_raises_one_alarm() -> None:
@@ -225,3 +225,58 @@ def test_a_burst_that_goes_on_for_minutes_raises_one_alarm() -> None:
     v.ts += SEC
     again = det.observe([v.write((64 + k) * MIB, os.urandom(MIB)) for k in range(4)])
     assert len(again) == 1 and again[0].last_clean_seq > found[0].detected_seq
+
+
+def test_a_write_mixing_kinds_is_sampled_block_by_block() -> None:
+    """One request covering a text file and a tarball next to it (writeback merges them).
+
+    The spread samples (blocks 0, 5, 10, 15 of 16) see both kinds here; a tarball that
+    falls between them would take its neighbours' class, which is the price of sampling 4
+    blocks of a long write instead of all of them.
+    """
+    rng = random.Random(11)
+    v = Volume()
+    mixed = text(rng, 4 * BLOCK) + os.urandom(3 * BLOCK) + text(rng, 9 * BLOCK)
+    det = detector(v)
+    det.observe([v.write(0, mixed)])
+    got = [det.block_class("vol", b) for b in range(16)]
+    hi, lo = round(0.97 * 250), round(0.90 * 250)
+    assert all(c is not None and c <= lo for c in got[:4] + got[7:])
+    assert all(c is not None and c >= hi for c in got[4:7])
+    assert det.sampled > 4  # the four spread samples disagreed: every block was sampled
+
+
+def test_a_long_write_of_one_kind_costs_four_samples() -> None:
+    rng = random.Random(12)
+    v = Volume()
+    det = detector(v)
+    det.observe([v.write(0, text(rng, MIB))])
+    assert det.sampled == 8  # four of what the range held (zeroes), four of the new text
+    assert {det.block_class("vol", b) for b in range(256)} == {det.block_class("vol", 0)}
+
+
+def test_unaligned_writes_count_their_own_bytes() -> None:
+    rng = random.Random(13)
+    v = Volume()
+    det = detector(v)
+    det.observe([v.write(0, text(rng, MIB))])
+    v.ts += 60 * SEC
+    found = det.observe([v.write(1000, os.urandom(MIB - 3000))])
+    assert len(found) == 1
+    assert found[0].suspicious_bytes == found[0].overwrite_bytes == MIB - 3000
+
+
+def test_zeroes_written_and_trims_make_blocks_empty() -> None:
+    rng = random.Random(14)
+    v = Volume()
+    det = detector(v)
+    det.observe([v.write(0, text(rng, 2 * MIB))])
+    det.observe([v.write(0, bytes(MIB))])  # zero data written: empty, filling it is ordinary
+    assert det.block_class("vol", 0) == 0 and det.block_class("vol", 255) == 0
+    v.seq += 1
+    det.observe([ZeroRecord(v.seq, v.ts, "vol", MIB + 4096, MIB - 8192, trim=True)])
+    assert det.block_class("vol", 256) != 0  # the edge block outside the trim keeps its class
+    assert det.block_class("vol", 257) == 0 and det.block_class("vol", 510) == 0
+    v.data[MIB + 4096 : 2 * MIB - 4096] = bytes(MIB - 8192)
+    v.ts += 60 * SEC
+    assert det.observe([v.write(0, os.urandom(2 * MIB))]) == []  # mostly empty space now
