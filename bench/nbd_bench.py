@@ -119,6 +119,8 @@ def main() -> int:
             unit = "MB/s" if key == "bw" else "IOPS"
             print(f"{name:30} {m['cdp']:>9.0f} {unit:<2} {m['qemu-nbd']:>9.0f} {unit:<2} "
                   f"{m['cdp'] / m['qemu-nbd']:>6.0%}", flush=True)
+            print(f"{'':30} runs: cdp {[round(x) for x in res['cdp']]}, "
+                  f"qemu-nbd {[round(x) for x in res['qemu-nbd']]}", flush=True)
             if key == "bw":
                 st = api(f"{sock_dir}/api.sock", "/v1/status")["groups"][0]
                 backlog = st["unsealed_segments"]
