@@ -6,6 +6,7 @@ backlog (segments not yet sealed) and its drain time are reported from the daemo
 
     .venv/bin/python bench/nbd_bench.py             # full: 10 s jobs, 30 s sequential, N=3
     .venv/bin/python bench/nbd_bench.py --quick     # 3 s jobs, N=3
+    .venv/bin/python bench/nbd_bench.py --job "4k randwrite QD16"   # only that job
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default=str(Path(__file__).parent / "tmp" / "nbd_bench"))
+    ap.add_argument("--job", action="append", choices=[j[0] for j in JOBS],
+                    help="run only this job (repeatable); default: all")
+    ap.add_argument("--no-detector", action="store_true",
+                    help="[detector] enabled = false (A/B of the detector's cost to guests)")
     a = ap.parse_args()
     runtime, seq_runtime = (3, 5) if a.quick else (10, 30)
     work = Path(a.dir)
@@ -79,7 +84,8 @@ def main() -> int:
     cfg = work / "cdp.toml"
     cfg.write_text(
         f'[daemon]\nstate_dir = "{work / "state"}"\napi = "unix:{sock_dir}/api.sock"\n'
-        f'[[volume]]\nname = "disk0"\nsize = "1GiB"\nsource = "nbd"\n'
+        + ("[detector]\nenabled = false\n" if a.no_detector else "")
+        + f'[[volume]]\nname = "disk0"\nsize = "1GiB"\nsource = "nbd"\n'
         f'image = "{ours_img}"\nlisten = "unix:{sock_dir}/ours.sock"\n'
     )
     with open(work / "daemon.log", "w") as log:
@@ -91,12 +97,19 @@ def main() -> int:
     try:
         wait_socket(f"{sock_dir}/ours.sock")
         wait_socket(f"{sock_dir}/peer.sock")
+        # Onboarding compares the whole image with the journal first; jobs start after it.
+        t0 = time.monotonic()
+        while api(f"{sock_dir}/api.sock", "/v1/status")["volumes"][0]["onboarding"][
+                "state"] != "done" and time.monotonic() - t0 < 120:
+            time.sleep(0.2)
         uris = {"cdp": f"nbd+unix:///disk0?socket={sock_dir}/ours.sock",
                 "qemu-nbd": f"nbd+unix:///disk0?socket={sock_dir}/peer.sock"}
         print(f"fio jobs, {runtime} s each ({seq_runtime} s sequential), median of {a.runs}, "
               "alternated; cdp journals every write")
         print(f"{'job':30} {'cdp':>12} {'qemu-nbd':>12} {'ratio':>7}")
         for name, args, key in JOBS:
+            if a.job and name not in a.job:
+                continue
             rt = seq_runtime if key == "bw" else runtime
             res: dict[str, list[float]] = {"cdp": [], "qemu-nbd": []}
             for _ in range(a.runs):
@@ -106,6 +119,8 @@ def main() -> int:
             unit = "MB/s" if key == "bw" else "IOPS"
             print(f"{name:30} {m['cdp']:>9.0f} {unit:<2} {m['qemu-nbd']:>9.0f} {unit:<2} "
                   f"{m['cdp'] / m['qemu-nbd']:>6.0%}", flush=True)
+            print(f"{'':30} runs: cdp {[round(x) for x in res['cdp']]}, "
+                  f"qemu-nbd {[round(x) for x in res['qemu-nbd']]}", flush=True)
             if key == "bw":
                 st = api(f"{sock_dir}/api.sock", "/v1/status")["groups"][0]
                 backlog = st["unsealed_segments"]

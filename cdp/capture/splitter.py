@@ -79,16 +79,20 @@ async def onboard_export(
         if stop.is_set():
             return None
         j = journal()
+        data_at = -1  # next image data at or after ``off`` (holes need no read)
         for c in range(start, min(start + _STEP, nchunks)):
             off = c * cs
             n = min(cs, ex.size - off)
-            data = ex.read(off, n)
+            if data_at < off:
+                data_at = ex.next_data(off)
+            data = zero[:n] if data_at >= off + n else ex.read(off, n)
             if j.read(ex.name, off, n) != data:
                 if data == zero[:n]:
                     j.zero(ex.name, off, n)
                 else:
                     j.write(ex.name, off, data)
             progress.onboard_scanned = off + n
+        ex.drop_cache(start * cs, _STEP * cs)
         wait = limiter.delay(_STEP * cs)
         await asyncio.sleep(wait)
     j = journal()
