@@ -299,6 +299,8 @@ class GroupDetector:
     def _write(self, r: WriteRecord) -> Detection | None:
         assert r.data is not None
         first, last = r.offset // BLOCK, (r.offset + r.length - 1) // BLOCK
+        if first == last:
+            return self._write_block(r, first)
         n = last - first + 1
         old = self._get(r.volume, first, n)
         u0 = old.find(UNSEEN)
@@ -327,6 +329,37 @@ class GroupDetector:
         return self._score(
             _Event(r.ts, r.seq, suspicious, overwrite, r.volume, incompressible, reverse)
         )
+
+    def _write_block(self, r: WriteRecord, b: int) -> Detection | None:
+        """A write within one block (4 KiB guests, metadata): the same rules, no tables."""
+        assert r.data is not None
+        pages = self.pages.setdefault(r.volume, {})
+        p, i = divmod(b, PAGE)
+        page = pages.get(p)
+        if page is None:
+            page = pages[p] = bytearray([UNSEEN]) * PAGE
+            if len(pages) > self.max_pages:
+                for _ in range(len(pages) - self.max_pages // 2):
+                    pages.pop(next(iter(pages)))
+                pages[p] = page
+        old = page[i]
+        if old == UNSEEN:
+            old = self._classify(self.prior(r.volume, r.offset, r.length, r.seq - 1),
+                                 r.offset, b, 1)[0]  # fmt: skip
+        sample = memoryview(r.data)[:SAMPLE]
+        self.sampled += 1
+        self.sampled_bytes += sample.nbytes
+        new = page[i] = ratio_class(sample, self._cctx)
+        if old == EMPTY:
+            return None
+        t, n = self._t, r.length
+        hi = t.high[new]
+        return self._score(
+            _Event(
+                r.ts, r.seq, n * (hi & t.low[old]), n, r.volume, n * hi,
+                n * (t.high[old] & t.made_low[new]),
+            )
+        )  # fmt: skip
 
     @staticmethod
     def _edges(r: WriteRecord, first: int, last: int) -> tuple[int, int]:
