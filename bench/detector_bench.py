@@ -29,7 +29,8 @@ on the daemon's NBD export: nbdfuse + loop device + ``mount -o discard``).
    ``discard`` (ext4's default): deleted files' blocks keep their content for the next file.
 3. CPU. In this process, ``GroupDetector.observe`` on ``WriteRecord``s with inline data
    (a third text-like, a third random, a third zero 4 KiB blocks) covering 1 GiB
-   (``--quick``: 256 MiB) of a volume, 64 KiB and 4 KiB writes: once with every block unseen
+   (``--quick``: 256 MiB) of a volume, 64 KiB and 4 KiB writes (kinds mixed inside each
+   record), and 1 MiB writes of one kind each (as a file's data): once with every block unseen
    (``prior`` returns b""), then twice more over the same blocks (the comparison path: the
    same data, and the data shifted by one block so a third of the blocks go text -> random),
    records 1 s apart in journal time so the scoring window stays small; the process CPU
@@ -411,13 +412,16 @@ def _text(rng: random.Random, n: int) -> bytes:
     return bytes(out[:n])
 
 
-def make_pool(blocks: int = 4096) -> bytes:
-    """``blocks`` 4 KiB blocks cycling text, random, zeros (+ 64 KiB wrap so slices never cross)."""
+WRAP = 1 << 20  # the pool's tail repeats its head: a record's slice never crosses the end
+
+
+def make_pool(blocks: int = 4096, run: int = 1) -> bytes:
+    """``blocks`` 4 KiB blocks cycling text, random, zeros every ``run`` blocks (+ ``WRAP``)."""
     rng = random.Random(7)
     text = _text(rng, 8 << 20)
     parts = []
     for i in range(blocks):
-        k = i % 3
+        k = (i // run) % 3
         if k == 0:
             a = rng.randrange(0, len(text) - BLOCK)
             parts.append(text[a : a + BLOCK])
@@ -426,7 +430,7 @@ def make_pool(blocks: int = 4096) -> bytes:
         else:
             parts.append(bytes(BLOCK))
     pool = b"".join(parts)
-    return pool + pool[: 64 << 10]
+    return pool + pool[:WRAP]
 
 
 class Feed:
@@ -434,7 +438,7 @@ class Feed:
 
     def __init__(self, pool: bytes) -> None:
         self.pool = memoryview(pool)
-        self.plen = len(pool) - (64 << 10)
+        self.plen = len(pool) - WRAP
         self.seq = 0
         self.ts = 10**18
 
@@ -480,10 +484,14 @@ def timed_observe(det: GroupDetector, batches: Iterator[list[WriteRecord]]) -> t
 
 
 def cpu_part(total: int, windows: list[int], measure: int) -> dict[str, Any]:
-    pool = make_pool()
+    pools = {1: make_pool(), 256: make_pool(run=256)}
     out: dict[str, Any] = {"bytes": total, "sizes": {}}
     m = Meter()
-    for size in (64 << 10, 4 << 10):
+    # 64 KiB and 4 KiB records mix text, random and zero blocks inside one record (the
+    # detector samples every block of those); 1 MiB records hold one kind each, as a file's
+    # data does (4 spread samples stand for the whole record)
+    for size, run in ((64 << 10, 1), (4 << 10, 1), (1 << 20, 256)):
+        pool = pools[run]
         n = total // size
         prior = EmptyPrior()
         feed = Feed(pool)

@@ -150,6 +150,7 @@ class Journal:
         self._durable: tuple[int, int] = (0, 0)
         self._closed = False
         self._failed: StorageError | None = None
+        self._tap: Callable[[list[Record]], None] | None = None
         self.uuid = b""
         self.volumes: dict[str, VolumeMap] = {}
         self.segs: list[_Seg] = []
@@ -682,6 +683,7 @@ class Journal:
             if w is None or w.size() + total > self.opts.segment_size:
                 for rec, parts in zip(recs, payloads, strict=True):
                     self._append_one(rec, parts)
+                self._tap_out(recs, ops)
                 return Seq(self.next_seq - 1)
             try:
                 offsets = w.append_many(payloads)
@@ -695,7 +697,33 @@ class Journal:
             with self._map_lock:
                 for rec, poff, plen in zip(recs, offsets, ends, strict=True):
                     self._apply(rec, seg, poff + plen)
+            self._tap_out(recs, ops)
             return Seq(self.next_seq - 1)
+
+    def set_tap(self, tap: Callable[[list[Record]], None] | None) -> None:
+        """Hand every write and zero that ``write_many`` appends to ``tap``, as records with
+        their data, in seq order (under the append lock), appended but not yet durable.
+
+        For an in-process reader that follows writes as they happen (the corruption
+        detector): reading them back with ``read_durable`` decodes every frame again, which
+        costs as much CPU as the capture itself for small writes. The data is copied,
+        because callers reuse their buffers. ``tap`` must be quick and must not call back
+        into the journal.
+        """
+        self._tap = tap
+
+    def _tap_out(self, recs: list[Record], ops: Sequence[WriteOp]) -> None:
+        tap = self._tap
+        if tap is None:
+            return
+        out: list[Record] = []
+        for rec, (_, data, _, _) in zip(recs, ops, strict=True):
+            if isinstance(rec, WriteRecord) and data is not None:
+                rec = WriteRecord(
+                    rec.seq, rec.ts, rec.volume, rec.offset, rec.length, bytes(data), (), rec.wall
+                )
+            out.append(rec)
+        tap(out)
 
     def _append_one(self, rec: Record, parts: list[bytes | memoryview]) -> None:
         """One already-built record (the caller holds the append lock and set its seq)."""

@@ -27,7 +27,7 @@ from cdp.daemon.quarantine import Quarantine, pin_clean_point
 from cdp.daemon.replication import make_senders, make_targets, replica_alerts
 from cdp.daemon.site import journal_doc
 from cdp.daemon.snapshots import grid_enabled, snapshot_round
-from cdp.detector import DetectorConfig, GroupDetector
+from cdp.detector import DetectorConfig, Feed, GroupDetector
 from cdp.nbd.export import Export, ExportSet
 from cdp.nbd.server import NbdServer, server_tls_context
 from journal import (
@@ -281,9 +281,11 @@ class Daemon:
     async def _detect(self, g: Group, stop: asyncio.Event) -> None:
         """Tail the group's journal through the corruption detector (cdp/detector.py).
 
-        Off the acknowledgement path: it reads records back (page cache) a fraction of a
-        second after capture appended them, never slows a guest write, and on an alarm pins
-        the last clean point (cdp/daemon/quarantine.py).
+        Off the acknowledgement path: capture hands it each write as it is appended
+        (``Journal.set_tap``, a copy into a bounded ``Feed``); a worker thread scores them a
+        fraction of a second later, and on an alarm pins the last clean point
+        (cdp/daemon/quarantine.py). When it falls behind, or the journal was reopened, it
+        reads that stretch back with ``read_durable``, so every write is scored once.
         """
         ds = self.config.detector
         excluded = frozenset(v.name for v in g.volumes if not v.detect)
@@ -303,33 +305,60 @@ class Daemon:
             excluded,
         )
         g.detector = det
-        pos = int(g.journal.window().last_seq)  # score what arrives from now on
+        feed = Feed()
+        tapped: Journal | None = None
+        pos, lost = 0, False
         cursor = None
-        while not stop.is_set():
-            try:
-                j = g.journal
-                recs, cursor = await asyncio.to_thread(
-                    j.read_durable, pos + 1, max_bytes=32 << 20, cursor=cursor, sync=False
-                )
-                if not recs:
+        try:
+            while not stop.is_set():
+                try:
+                    j = g.journal
+                    if j is not tapped:  # first pass, or the journal was reopened
+                        j.set_tap(feed.push)
+                        tapped, lost = j, True
+                        if not pos:  # score what arrives from now on
+                            pos, lost = int(j.window().last_seq), False
+                    recs, dropped = feed.take()
+                    lost = lost or dropped
+                    if lost:  # fell behind (or reopened): read the stretch back
+                        upto = recs[0].seq - 1 if recs else int(j.window().last_seq)
+                        while pos < upto:
+                            back, cursor = await asyncio.to_thread(
+                                j.read_durable, pos + 1, max_bytes=32 << 20, cursor=cursor,
+                                sync=False,
+                            )  # fmt: skip
+                            back = [r for r in back if r.seq <= upto]
+                            if not back:
+                                break
+                            await self._score(g, det, j, await asyncio.to_thread(_inline, j, back))
+                            pos = back[-1].seq
+                        lost = False
+                    recs = [r for r in recs if r.seq > pos]
+                    if not recs:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(stop.wait(), 0.2)
+                        continue
+                    await self._score(g, det, j, recs)
+                    pos = recs[-1].seq
+                except PointNotRetained:
+                    pos, cursor = int(g.journal.window().first_seq), None
+                except Exception as e:  # the detector never takes capture down
+                    log.error("detector failed; retrying", extra={"group": g.name, "err": str(e)})
+                    cursor, lost = None, True
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 0.2)
-                    continue
-                recs = await asyncio.to_thread(_inline, j, recs)
-                found = await asyncio.to_thread(det.observe, recs)
-                pos = recs[-1].seq
-                for d in found:
-                    q = await asyncio.to_thread(
-                        pin_clean_point, j, g.name, d, now_ns=self.clock(), lock_ns=ds.lock_ns
-                    )
-                    g.quarantines.append(q)
-            except PointNotRetained:
-                pos, cursor = int(g.journal.window().first_seq), None
-            except Exception as e:  # the detector never takes capture down
-                log.error("detector failed; retrying", extra={"group": g.name, "err": str(e)})
-                cursor = None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 2.0)
+                        await asyncio.wait_for(stop.wait(), 2.0)
+        finally:
+            if tapped is not None:
+                tapped.set_tap(None)
+
+    async def _score(self, g: Group, det: GroupDetector, j: Journal, recs: list[Record]) -> None:
+        """Score a stretch of the stream; pin the last clean point of what it detects."""
+        ds = self.config.detector
+        for d in await asyncio.to_thread(det.observe, recs):
+            q = await asyncio.to_thread(
+                pin_clean_point, j, g.name, d, now_ns=self.clock(), lock_ns=ds.lock_ns
+            )
+            g.quarantines.append(q)
 
     async def _sealer(self, g: Group, stop: asyncio.Event) -> None:
         """Move data of rolled segments into the block store, off the write path.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 
-from cdp.detector import BLOCK, Detection, DetectorConfig, GroupDetector
+from cdp.detector import BLOCK, Detection, DetectorConfig, Feed, GroupDetector
 from journal import Record, WriteRecord, ZeroRecord
 
 SEC = 10**9
@@ -280,3 +280,44 @@ def test_zeroes_written_and_trims_make_blocks_empty() -> None:
     v.data[MIB + 4096 : 2 * MIB - 4096] = bytes(MIB - 8192)
     v.ts += 60 * SEC
     assert det.observe([v.write(0, os.urandom(2 * MIB))]) == []  # mostly empty space now
+
+
+def test_a_mixed_copy_over_dead_text_does_not_alarm() -> None:
+    """A fresh file system's new files (2/5 gzip, 3/5 text) all over a dead one's text.
+
+    Nothing turns compressible, so nothing cancels, and 40 % of the overwrites are
+    suspicious; but an encryptor would have made all of them incompressible.
+    """
+    rng = random.Random(15)
+    v = Volume()
+    det = detector(v)
+    det.observe([v.write(k * MIB, text(rng, MIB)) for k in range(40)])
+    v.ts += 60 * SEC
+    new = [
+        v.write(k * MIB, os.urandom(MIB) if k % 5 in (1, 3) else text(rng, MIB), dt=0.05)
+        for k in range(40)
+    ]
+    assert det.observe(new) == []
+    assert det._sus - det._reverse >= 0.25 * det._over  # the score alone would have fired
+    # the same copy with 4/5 gzip is indistinguishable from encryption, and alarms
+    v.ts += 600 * SEC
+    det.observe([v.write((40 + k) * MIB, text(rng, MIB)) for k in range(20)])
+    v.ts += 60 * SEC
+    mostly = [
+        v.write((40 + k) * MIB, text(rng, MIB) if k % 5 == 0 else os.urandom(MIB), dt=0.05)
+        for k in range(20)
+    ]
+    assert len(det.observe(mostly)) == 1
+
+
+def test_a_feed_that_overflows_drops_and_says_so() -> None:
+    f = Feed(max_bytes=10_000)
+    rec = [WriteRecord(1, 1, "v", 0, 4096, b"x" * 4096)]
+    f.push(rec)
+    f.push([WriteRecord(2, 1, "v", 0, 4096, b"x" * 4096)])
+    assert [r.seq for r in f.take()[0]] == [1, 2]
+    for s in range(3, 7):  # 16 KiB into a 10 KB feed: the third push overflows
+        f.push([WriteRecord(s, 1, "v", 0, 4096, b"x" * 4096)])
+    recs, lost = f.take()
+    assert lost and [r.seq for r in recs] == [6]
+    assert f.take() == ([], False)
