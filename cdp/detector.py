@@ -199,8 +199,9 @@ def _both(a: bytes, b: bytes) -> bytes:
 class GroupDetector:
     """Scores one consistency group's write stream (all its volumes share the window).
 
-    ``prior(volume, offset, length, seq)`` returns the bytes a range held just before
-    ``seq`` (from the journal); it is asked once per block the detector has not seen.
+    ``prior(volume, offset, length, seq)`` returns the bytes a range held as of ``seq``
+    (from the journal; shorter past the volume's end); it is asked once per block the
+    detector has not seen.
 
     Per write the work is a few C calls, not a Python loop per 4 KiB block: classes live
     in one byte per block in 1 MiB pages, transitions are counted with ``bytes.translate``
@@ -315,6 +316,26 @@ class GroupDetector:
             for _ in range(len(pages) - self.max_pages // 2):  # forget the oldest-made half
                 pages.pop(next(iter(pages)))
 
+    def _resolve(self, volume: str, first: int, n: int, seq: int) -> None:
+        """Make blocks ``first .. first+n-1`` known: one journal read (as of ``seq``) of the
+        span from the first unseen one to the last. (Reading whole chunks instead, so that
+        random 4 KiB writes would ask once per chunk, was measured slower: the journal's
+        read of a chunk that holds other writes costs more than the reads it saves.)
+        """
+        old = self._get(volume, first, n)
+        u0 = old.find(UNSEEN)
+        if u0 < 0:
+            return
+        c0, c1 = first + u0, first + old.rfind(UNSEEN) + 1
+        span = self._get(volume, c0, c1 - c0)
+        # ``prior`` may return less at the volume's end: blocks past it stay EMPTY
+        seen = self._classify(self.prior(volume, c0 * BLOCK, (c1 - c0) * BLOCK, seq), c0 * BLOCK,
+                              c0, c1 - c0)  # fmt: skip
+        for k in range(c1 - c0):
+            if span[k] == UNSEEN:
+                span[k] = seen[k]
+        self._put(volume, c0, span)
+
     def _classify(self, data: bytes | memoryview, offset: int, first: int, n: int) -> bytes:
         """One class per block ``first .. first+n-1`` of ``data``, which starts at ``offset``."""
         view = memoryview(data)
@@ -344,17 +365,8 @@ class GroupDetector:
         if first == last:
             return self._write_block(r, first)
         n = last - first + 1
+        self._resolve(r.volume, first, n, r.seq - 1)
         old = self._get(r.volume, first, n)
-        u0 = old.find(UNSEEN)
-        if u0 >= 0:  # one journal read for what this write covers and nobody saw yet
-            u1 = old.rfind(UNSEEN)
-            lo = max((first + u0) * BLOCK, r.offset)
-            hi = min((first + u1 + 1) * BLOCK, r.offset + r.length)
-            seen = self._classify(self.prior(r.volume, lo, hi - lo, r.seq - 1), lo, first + u0,
-                                  u1 - u0 + 1)  # fmt: skip
-            for i in range(u0, u1 + 1):
-                if old[i] == UNSEEN:
-                    old[i] = seen[i - u0]
         new = self._classify(r.data, r.offset, first, n)
         self._put(r.volume, first, new)
         t = self._t
@@ -378,16 +390,12 @@ class GroupDetector:
         pages = self.pages.setdefault(r.volume, {})
         p, i = divmod(b, PAGE)
         page = pages.get(p)
-        if page is None:
-            page = pages[p] = bytearray([UNSEEN]) * PAGE
-            if len(pages) > self.max_pages:
-                for _ in range(len(pages) - self.max_pages // 2):
-                    pages.pop(next(iter(pages)))
-                pages[p] = page
+        if page is None or page[i] == UNSEEN:
+            self._resolve(r.volume, b, 1, r.seq - 1)
+            page = pages.get(p)
+            if page is None:  # forgotten at once (max_pages): keep this one
+                page = pages[p] = bytearray([UNSEEN]) * PAGE
         old = page[i]
-        if old == UNSEEN:
-            old = self._classify(self.prior(r.volume, r.offset, r.length, r.seq - 1),
-                                 r.offset, b, 1)[0]  # fmt: skip
         sample = memoryview(r.data)[:SAMPLE]
         self.sampled += 1
         self.sampled_bytes += sample.nbytes

@@ -294,7 +294,8 @@ class Daemon:
 
         def prior(vol: str, off: int, n: int, seq: int) -> bytes:
             j = g.journal
-            if seq < j.window().first_seq:
+            n = min(n, j.volume_size(vol) - off)  # whole chunks are asked for
+            if seq < j.window().first_seq or n <= 0:
                 return b""
             return j.read(vol, off, n, seq)
 
