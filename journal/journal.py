@@ -805,16 +805,16 @@ class Journal:
                     f"read [{offset}, {offset + len(out)}) outside volume "
                     f"{volume!r} of {vm.size} bytes"
                 )
-            vm.read_into(
-                out, offset, at, cache or BlockCache(self.store.get, fetch_many=self.store.get_many)
-            )
+            vm.read_into(out, offset, at, cache or self.new_cache())
 
     def volume_size(self, volume: str) -> int:
         """The volume's current size (a resize is a volume record; history keeps old reads)."""
         return self._vol(volume).size
 
     def new_cache(self) -> BlockCache:
-        return BlockCache(self.store.get, fetch_many=self.store.get_many)
+        return BlockCache(
+            self.store.get, fetch_many=self.store.get_many, fetch_into=self.store.copy_whole
+        )
 
     def seq_at_time(self, t_ns: int) -> Seq:
         """The last seq whose journal time is <= t (journal time never runs backwards)."""
