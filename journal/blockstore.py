@@ -51,7 +51,7 @@ class Prepared:
     """``BlockStore.prepare``: each chunk's id, and (codec, stored bytes) of the new ones."""
 
     ids: list[BlockId]
-    stored: dict[bytes, tuple[int, bytes]]
+    stored: dict[bytes, tuple[int, bytes | memoryview]]  # raw ones are views of the chunks
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,30 +181,34 @@ class BlockStore:
             self._local.c = c
         return c
 
-    def _compress_run(self, items: list[bytes | memoryview]) -> list[tuple[int, bytes]]:
+    def _compress_run(
+        self, items: list[bytes | memoryview]
+    ) -> list[tuple[int, bytes | memoryview]]:
         """zstd each item unless it does not pay; (codec, stored bytes) per item.
 
         Two 4 KiB probes skip incompressible data cheaply, but on compressible data they are
         pure cost (11 % of pool time on ext4 data), so they run only after an item that did
         not compress: a run of compressible chunks pays no probes, a run of random ones
         pays only the probes, and a switch between the two costs one wasted attempt.
+        Data stored raw is returned as is, not copied: it is written before the chunks can
+        go (put_many), or prepared from an immutable rolled segment (prepare).
         """
         z = self._compressor()
-        out: list[tuple[int, bytes]] = []
+        out: list[tuple[int, bytes | memoryview]] = []
         probe = True
         for data in items:
             n = len(data)
             if probe and n >= 16384:
                 head, tail = data[:4096], data[n - 4096 :]
                 if len(z.compress(head)) > 3968 and len(z.compress(tail)) > 3968:
-                    out.append((CODEC_RAW, bytes(data)))
+                    out.append((CODEC_RAW, data))
                     continue
             comp = z.compress(data)
             if len(comp) < n - n // 32:
                 out.append((CODEC_ZSTD, comp))
                 probe = False
             else:
-                out.append((CODEC_RAW, bytes(data)))
+                out.append((CODEC_RAW, data))
                 probe = True
         return out
 
@@ -233,7 +237,7 @@ class BlockStore:
         The sealer prepares the next segment while it writes and fsyncs the current one, so
         hashing and compression keep both cores busy through the serial parts. What the
         store holds is looked up again at ``put_many``: a block the store had here may
-        have been collected since.
+        have been collected since. The chunks must not change until that ``put_many``.
         """
         self._check()
         ids = [BlockId(d) for d in self._parallel(_block_ids, list(chunks))]
