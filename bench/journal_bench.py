@@ -411,9 +411,11 @@ class Ext4Feed:
         return off, self.view[off : off + MiB]
 
 
-def w2_ours(out: str, feed: Ext4Feed, duration: float, max_lag: int, keep: bool) -> dict[str, Any]:
+def w2_ours(out: str, feed: Ext4Feed, duration: float, max_lag: int, keep: bool,
+            zstd_level: int | None = None) -> dict[str, Any]:
     path = fresh_dir(os.path.join(out, "w2-journal"))
-    j = Journal.open(path, options=JournalOptions())
+    opts = JournalOptions() if zstd_level is None else JournalOptions(zstd_level=zstd_level)
+    j = Journal.open(path, options=opts)
     j.add_volume("vda", feed.size)
     stop = threading.Event()
     progress = threading.Event()
@@ -506,7 +508,8 @@ def w2_peer(img: str, state: dict[str, float]) -> dict[str, Any]:
     return res
 
 
-def w2_ceiling(feed: Ext4Feed, seconds: float = 3.0) -> dict[str, float]:
+def w2_ceiling(feed: Ext4Feed, seconds: float = 3.0,
+               zstd_level: int | None = None) -> dict[str, float]:
     """The journal's own block hash (``journal.blockstore.block_id``) and zstandard at the
     journal's level on 64 KiB chunks, one then two threads, no I/O, no framing, no probes:
     the compute ceiling of the seal stage on this data."""
@@ -521,7 +524,7 @@ def w2_ceiling(feed: Ext4Feed, seconds: float = 3.0) -> dict[str, float]:
         def hash_fn(data: bytes | memoryview) -> bytes:
             return hashlib.sha256(data).digest()
 
-    level = JournalOptions().zstd_level
+    level = JournalOptions().zstd_level if zstd_level is None else zstd_level
     local = threading.local()
 
     def work(mv: memoryview) -> int:
@@ -727,7 +730,7 @@ def bench_pipeline(a: argparse.Namespace, res: dict[str, Any]) -> None:
     state: dict[str, float] = {}
     for i in range(a.runs):
         wait_quiet(a.quiet_wait)
-        ours.append(w2_ours(a.out, feed, dur, a.max_lag, a.keep))
+        ours.append(w2_ours(a.out, feed, dur, a.max_lag, a.keep, a.zstd_level))
         o = ours[-1]
         print(f"  pipeline run {i + 1}: ours {o['mbps']:.0f} MB/s end-to-end (append "
               f"{o['append_mbps']:.0f} MB/s, drain {o['drain_s']:.1f} s, backpressure "
@@ -739,7 +742,7 @@ def bench_pipeline(a: argparse.Namespace, res: dict[str, Any]) -> None:
             print(f"  pipeline run {i + 1}: peer zstd -1 + sha256 {peer[-1]['mbps']:.0f} MB/s "
                   f"(zstd alone {peer[-1]['zstd1']:.0f}, zstd -T2 {peer[-1]['zstd1-T2']:.0f}, "
                   f"sha256sum {peer[-1]['sha256sum']:.0f})", flush=True)
-    ceiling = w2_ceiling(feed) if not a.no_peer else {}
+    ceiling = w2_ceiling(feed, zstd_level=a.zstd_level) if not a.no_peer else {}
     res["pipeline"] = {"ours": ours, "peer": peer, "ceiling": ceiling, "image": img,
                        "image_bytes": feed.size, "zero_fraction": feed.zero_fraction(),
                        "seconds_per_run": dur, "median": median_of(ours, "mbps"),
@@ -989,6 +992,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true",
                     help="short run: 2 s writes, 5 s pipeline, 256 MiB read volume")
     ap.add_argument("--runs", type=int, default=3, help="alternated runs per figure (median)")
+    ap.add_argument("--zstd-level", type=int, default=None,
+                    help="pipeline: JournalOptions.zstd_level for ours and the ceiling "
+                         "(default: the journal's default); the peer stays zstd -1")
     ap.add_argument("--only", default="write,pipeline,read",
                     help="comma list of workloads: write,pipeline,read")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "tmp", "journal_bench"),

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from . import codec
-from .blockstore import MAX_BLOCK, BlockStore, block_id
+from .blockstore import MAX_BLOCK, BlockStore, Prepared, block_id
 from .clock import Clock, wall_clock
 from .errors import (
     BlocksNeeded,
@@ -107,6 +107,21 @@ class _Seg:
     checkpoints: list[tuple[int, int, str, str]] = field(default_factory=list)
 
 
+_SEAL_BATCH = 4096  # pieces per block-store call when sealing
+
+
+@dataclass(frozen=True, slots=True)
+class _SealPrep:
+    """What sealing a segment computes before it writes anything (``_prepare_seal``)."""
+
+    no: int
+    first_seq: int
+    recs: list[Record]
+    spans: list[tuple[int, int]]  # per inline write: its slice of the pieces
+    batches: list[list[memoryview]]  # the pieces, one list per block-store call
+    prepared: list[Prepared] | None  # per batch, when hashed and compressed ahead
+
+
 @dataclass(frozen=True, slots=True)
 class TailCursor:
     """Where ``Journal.read_durable`` stopped: the frame of ``next_seq`` in a segment."""
@@ -161,6 +176,8 @@ class Journal:
         self._tail: tuple[int, int, SegmentWriter | None] = (0, 0, None)
         self._note_durable = -1  # a segment whose roll fsync is done, not yet noted
         self._roller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-roll")
+        self._prepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-prep")
+        self._prep: tuple[int, Future[_SealPrep]] | None = None  # next segment, read ahead
         self._ts = array("q")  # journal time of seq base_seq+1+i
         self.base_seq = 0
         self.base_ts = 0
@@ -833,16 +850,16 @@ class Journal:
                     f"read [{offset}, {offset + len(out)}) outside volume "
                     f"{volume!r} of {vm.size} bytes"
                 )
-            vm.read_into(
-                out, offset, at, cache or BlockCache(self.store.get, fetch_many=self.store.get_many)
-            )
+            vm.read_into(out, offset, at, cache or self.new_cache())
 
     def volume_size(self, volume: str) -> int:
         """The volume's current size (a resize is a volume record; history keeps old reads)."""
         return self._vol(volume).size
 
     def new_cache(self) -> BlockCache:
-        return BlockCache(self.store.get, fetch_many=self.store.get_many)
+        return BlockCache(
+            self.store.get, fetch_many=self.store.get_many, fetch_into=self.store.copy_whole
+        )
 
     def seq_at_time(self, t_ns: int) -> Seq:
         """The last seq whose journal time is <= t (journal time never runs backwards)."""
@@ -1484,12 +1501,25 @@ class Journal:
                 done += 1
         return done
 
-    def _seal(self, seg: _Seg) -> None:
-        assert seg.file is not None
-        hot_path = self._seg_path(seg.no, False)
-        name = os.path.relpath(hot_path, self.path)
+    def _prepare_seal(self, seg: _Seg, compute: bool) -> _SealPrep:
+        """Read and decode a rolled hot segment; with ``compute``, also hash and compress it.
+
+        Writes nothing, so it can run ahead in the prep thread while the previous segment
+        is written out and fsynced.
+        """
+        f = seg.file
+        assert f is not None
+        name = os.path.relpath(self._seg_path(seg.no, False), self.path)
+        size = f.size()
+        # A mapping of the (page-cached) segment, where the storage has one: a 64 MiB pread
+        # copies every byte again and faults in a fresh buffer for each segment.
+        view = getattr(f, "view", None)
+        image = view(size) if view is not None else None
         res: ScanResult = scan(
-            seg.file.pread(seg.file.size(), 0), name, journal_uuid=self.uuid, tail_allowed=False
+            image[:size] if image is not None else f.pread(size, 0),
+            name,
+            journal_uuid=self.uuid,
+            tail_allowed=False,
         )
         cs = self.opts.chunk_size
         recs: list[Record] = []
@@ -1511,9 +1541,37 @@ class Journal:
                 spans.append((first, len(pieces)))
         # One block-store call per few thousand pieces, not one per record: small writes
         # would otherwise pay a thread hand-off and an index query each.
+        batches = [pieces[k : k + _SEAL_BATCH] for k in range(0, len(pieces), _SEAL_BATCH)]
+        prepared = [self.store.prepare(b) for b in batches] if compute else None
+        return _SealPrep(seg.no, res.header.first_seq, recs, spans, batches, prepared)
+
+    def _take_prep(self, seg: _Seg) -> _SealPrep:
+        """The prep thread's work for ``seg`` if it ran ahead, else the same done here."""
+        ahead, self._prep = self._prep, None
+        if ahead is not None and ahead[0] == seg.no:
+            try:
+                return ahead[1].result()
+            except Exception:
+                pass  # whatever the prep hit is hit again below, where fail-stop handles it
+        return self._prepare_seal(seg, compute=False)
+
+    def _prep_next(self, seg: _Seg) -> None:
+        """Start preparing the segment queued after ``seg``, if it is rolled already."""
+        with self._append_lock:
+            if len(self._unsealed) < 2 or self._unsealed[0] != seg.no:
+                return
+            nxt = next(s for s in self.segs if s.no == self._unsealed[1])
+        self._prep = (nxt.no, self._prepper.submit(self._prepare_seal, nxt, True))
+
+    def _seal(self, seg: _Seg) -> None:
+        assert seg.file is not None
+        hot_path = self._seg_path(seg.no, False)
+        prep = self._take_prep(seg)
+        self._prep_next(seg)
+        recs, spans = prep.recs, prep.spans
         refs_all: list[BlockRef] = []
-        for k in range(0, len(pieces), 4096):
-            refs_all += self.store.put_many(pieces[k : k + 4096])
+        for k, batch in enumerate(prep.batches):
+            refs_all += self.store.put_many(batch, prep.prepared[k] if prep.prepared else None)
         payloads: list[bytes] = []
         new_src: list[tuple[BlockRef, ...]] = []
         it = iter(spans)
@@ -1527,7 +1585,7 @@ class Journal:
                 )
             payloads.append(codec.encode(rec))
         self.store.flush()  # blocks durable before anything references them
-        header = SegmentHeader(seg.no, res.header.first_seq, self.uuid, True)
+        header = SegmentHeader(seg.no, prep.first_seq, self.uuid, True)
         sealed_path = self._seg_path(seg.no, True)
         write_atomic(self.storage, sealed_path, write_frames(header, iter(payloads)))
         with self._map_lock:
@@ -1806,6 +1864,8 @@ class Journal:
         if self._failed is None:
             self.sync()
         self._roller.shutdown(wait=True)
+        self._prepper.shutdown(wait=True)  # it reads hot segment files closed below
+        self._prep = None
         with self._append_lock:
             self._closed = True
             for s in self.segs:

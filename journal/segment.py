@@ -78,7 +78,7 @@ class SegmentHeader:
         return int.from_bytes(self.encode()[48:], "little")
 
 
-def decode_header(buf: bytes, name: str) -> SegmentHeader:
+def decode_header(buf: bytes | memoryview, name: str) -> SegmentHeader:
     if len(buf) < HEADER_SIZE:
         raise SegmentHeaderTorn(name, 0, "shorter than a segment header")
     magic, version, flags, _, seg_no, first_seq, uuid, csum = HEADER.unpack_from(buf)
@@ -111,7 +111,7 @@ class ScanResult:
 
 
 def scan(
-    buf: bytes,
+    buf: bytes | memoryview,
     name: str,
     *,
     journal_uuid: bytes,

@@ -104,6 +104,24 @@ class OsFile:
                     self._mm = mm
         return mm[offset : offset + size]
 
+    def view(self, need: int) -> memoryview | None:
+        """The file as a read-only mapping at least ``need`` bytes long (None if shorter).
+
+        For readers that check and copy many entries of one file per call: slicing a view
+        costs no syscall and no intermediate bytes object. Same lifetime rules as
+        ``mapped_read``; a caller keeps a view only for the duration of one call.
+        """
+        mm = self._mm
+        if mm is None or need > len(mm):
+            with self._mm_lock:
+                mm = self._mm
+                if mm is None or need > len(mm):
+                    if self._size == 0 or need > self._size:
+                        return None
+                    mm = mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ)
+                    self._mm = mm
+        return memoryview(mm)
+
     def size(self) -> int:
         return self._size
 

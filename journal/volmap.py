@@ -56,9 +56,11 @@ class BlockCache:
         fetch: Callable[[BlockRef], bytes],
         entries: int = 256,
         fetch_many: Callable[[list[BlockRef]], dict[bytes, bytes]] | None = None,
+        fetch_into: Callable[[memoryview, list[tuple[int, BlockRef]]], None] | None = None,
     ) -> None:
         self._fetch = fetch
         self._fetch_many = fetch_many
+        self._fetch_into = fetch_into
         self._entries = entries
         self._lru: OrderedDict[bytes, bytes] = OrderedDict()
 
@@ -87,6 +89,19 @@ class BlockCache:
             while len(self._lru) > self._entries:
                 self._lru.popitem(last=False)
         return out
+
+    def copy_whole(self, out: memoryview, pieces: list[tuple[int, BlockRef]]) -> None:
+        """Copy whole blocks to ``out[dst:]``, past the LRU.
+
+        Why past it: a block read whole is not read again by the next request of a scan, so
+        caching it only costs bookkeeping and evicts the large blocks partial reads reuse.
+        """
+        if self._fetch_into is not None:
+            self._fetch_into(out, pieces)
+            return
+        blocks = self.get_many([r for _, r in pieces])
+        for dst, r in pieces:
+            out[dst : dst + r.length] = blocks[r.block_id]
 
     def get(self, ref: BlockRef) -> bytes:
         data = self._lru.get(ref.block_id)
@@ -142,74 +157,170 @@ class VolumeMap:
     def read_into(self, out: memoryview, offset: int, at_seq: int, cache: BlockCache) -> None:
         """Fill ``out`` (zeroed by the caller) with bytes [offset, offset+len(out)) as of seq.
 
-        Two passes: plan which version supplies each byte range, then fetch every block the
-        plan needs in one ``get_many`` (sorted, coalesced pack reads) and copy.
+        Two passes: plan which version supplies each byte range, then fetch. Pieces that are
+        a whole stored block (every piece of a read of 4 KiB writes, or of 64 KiB-aligned
+        data, a base block read whole) are copied by the block store straight from the pack
+        into ``out``; partial pieces go through the cache, where sequential small reads of
+        one large block hit.
         """
         end = offset + len(out)
         cs = self.chunk_size
-        fills: list[tuple[int, int, BlockRef | File, int]] = []  # dst, length, source, src off
+        plan = _Plan(offset)
         for c in self.chunk_range(offset, len(out)):
-            # Still-unresolved ranges of this chunk, disjoint and sorted (two parallel lists
-            # so each older version finds the ranges it overlaps by bisection).
-            starts = [max(offset, c * cs)]
-            ends = [min(end, (c + 1) * cs)]
+            a = max(offset, c * cs)
+            b = min(end, (c + 1) * cs)
             lst = self.chunks.get(c)
+            left: list[tuple[int, int]] = [(a, b)]
             if lst:
                 j = bisect_right(lst, at_seq, key=_seq_key)
-                while j > 0 and starts:
-                    j -= 1
-                    e = lst[j]
-                    es, ee = e.offset, e.offset + e.length
-                    k = bisect_right(ends, es)
-                    if k == len(starts) or starts[k] >= ee:
-                        continue
-                    m = k
-                    keep_s: list[int] = []
-                    keep_e: list[int] = []
-                    while m < len(starts) and starts[m] < ee:
-                        a, b = starts[m], ends[m]
-                        s = a if a > es else es
-                        t = b if b < ee else ee
-                        if e.src is not None:
-                            _plan(fills, s - offset, e, s, t)
-                        if a < s:
-                            keep_s.append(a)
-                            keep_e.append(s)
-                        if t < b:
-                            keep_s.append(t)
-                            keep_e.append(b)
-                        m += 1
-                    starts[k:m] = keep_s
-                    ends[k:m] = keep_e
-            if starts:
+                if j:
+                    left = _resolve(lst, j, a, b, plan)
+            if left:
                 ref = self.base.get(c)
                 if ref is not None:
-                    for a, b in zip(starts, ends, strict=True):
-                        fills.append((a - offset, b - a, ref, a - c * cs))
-        blocks = cache.get_many([f[2] for f in fills if isinstance(f[2], BlockRef)])
-        for dst, n, src, soff in fills:
-            if isinstance(src, BlockRef):
-                out[dst : dst + n] = blocks[src.block_id][soff : soff + n]
+                    for s, t in left:
+                        if s == c * cs and t - s == ref.length:
+                            plan.whole.append((s - offset, ref))
+                        else:
+                            plan.part.append((s - offset, t - s, ref, s - c * cs))
+        if plan.whole:
+            cache.copy_whole(out, plan.whole)
+        if plan.part:
+            blocks = cache.get_many([p[2] for p in plan.part])
+            for dst, n, ref, soff in plan.part:
+                out[dst : dst + n] = blocks[ref.block_id][soff : soff + n]
+        for dst, n, f, soff in plan.inline:
+            data = f.pread(n, soff)
+            out[dst : dst + len(data)] = data
+
+
+class _Plan:
+    """Where each byte range of one read comes from, collected before anything is fetched."""
+
+    __slots__ = ("inline", "offset", "part", "whole")
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset  # volume offset of out[0]
+        self.whole: list[tuple[int, BlockRef]] = []  # dst, ref: the piece is the whole block
+        self.part: list[tuple[int, int, BlockRef, int]] = []  # dst, length, ref, offset in it
+        self.inline: list[tuple[int, int, File, int]] = []  # dst, length, file, file offset
+
+    def add(self, e: Extent, s: int, t: int) -> None:
+        """Bytes [s, t) of the volume come from extent ``e``."""
+        src = e.src
+        if src is None:
+            return
+        dst = s - self.offset
+        if isinstance(src, Inline):
+            self.inline.append((dst, t - s, src.file, src.offset + (s - e.offset)))
+            return
+        pos = e.offset
+        for ref in src:
+            rs, re_ = pos, pos + ref.length
+            pos = re_
+            if re_ <= s:
+                continue
+            if rs >= t:
+                break
+            if rs >= s and re_ <= t:
+                self.whole.append((dst + (rs - s), ref))
             else:
-                data = src.pread(n, soff)
-                out[dst : dst + len(data)] = data
+                a, b = max(rs, s), min(re_, t)
+                self.part.append((dst + (a - s), b - a, ref, a - rs))
 
 
-def _plan(
-    fills: list[tuple[int, int, BlockRef | File, int]], dst: int, e: Extent, s: int, t: int
-) -> None:
-    src = e.src
-    if isinstance(src, Inline):
-        fills.append((dst, t - s, src.file, src.offset + (s - e.offset)))
-        return
-    assert src is not None
-    pos = e.offset
-    for ref in src:
-        rs, re_ = pos, pos + ref.length
-        pos = re_
-        if re_ <= s:
+_SECTOR = 512
+
+
+def _resolve(lst: list[Extent], j: int, a: int, b: int, plan: _Plan) -> list[tuple[int, int]]:
+    """Plan [a, b) of one chunk from ``lst[:j]``, newest first; return what no version covers.
+
+    Why sectors: block devices write whole 512-byte sectors, so the unresolved part of the
+    chunk is one int with a bit per sector, and each older version costs a few int operations
+    instead of interval-list surgery. An unaligned range or extent switches to the general
+    byte-range walk for the rest of the chunk.
+    """
+    if (a | b) & (_SECTOR - 1):
+        return _resolve_bytes(lst, j, [a], [b], plan)
+    need = (1 << ((b - a) // _SECTOR)) - 1  # bit i: sector at a + i * 512 still unresolved
+    whole = plan.whole
+    base = plan.offset
+    while j > 0 and need:
+        j -= 1
+        e = lst[j]
+        es = e.offset
+        ee = es + e.length
+        if (es | ee) & (_SECTOR - 1):
+            starts, ends = _runs(need, a)
+            return _resolve_bytes(lst, j + 1, starts, ends, plan)
+        s = es if es > a else a
+        t = ee if ee < b else b
+        if s >= t:
             continue
-        if rs >= t:
-            break
-        a, b = max(rs, s), min(re_, t)
-        fills.append((dst + (a - s), b - a, ref, a - rs))
+        m = ((1 << ((t - s) // _SECTOR)) - 1) << ((s - a) // _SECTOR)
+        hit = need & m
+        if not hit:
+            continue
+        need ^= hit
+        if hit == m:
+            src = e.src
+            if type(src) is tuple and len(src) == 1 and s == es and t == ee:
+                whole.append((s - base, src[0]))  # the common case, inlined: one whole block
+            else:
+                plan.add(e, s, t)
+        else:
+            for rs, rt in zip(*_runs(hit, a), strict=True):
+                plan.add(e, rs, rt)
+    starts, ends = _runs(need, a)
+    return list(zip(starts, ends, strict=True))
+
+
+def _runs(bits: int, a: int) -> tuple[list[int], list[int]]:
+    """The byte ranges of the runs of set bits in a sector mask based at ``a``, sorted."""
+    starts: list[int] = []
+    ends: list[int] = []
+    pos = 0
+    while bits:
+        low = (bits & -bits).bit_length() - 1  # trailing zeros
+        bits >>= low
+        pos += low
+        ones = (bits ^ (bits + 1)).bit_length() - 1  # trailing ones
+        starts.append(a + pos * _SECTOR)
+        ends.append(a + (pos + ones) * _SECTOR)
+        bits >>= ones
+        pos += ones
+    return starts, ends
+
+
+def _resolve_bytes(
+    lst: list[Extent], j: int, starts: list[int], ends: list[int], plan: _Plan
+) -> list[tuple[int, int]]:
+    """The general walk: unresolved ranges as two parallel sorted lists of any byte bounds.
+
+    Each older version finds the ranges it overlaps by bisection.
+    """
+    while j > 0 and starts:
+        j -= 1
+        e = lst[j]
+        es, ee = e.offset, e.offset + e.length
+        k = bisect_right(ends, es)
+        if k == len(starts) or starts[k] >= ee:
+            continue
+        m = k
+        keep_s: list[int] = []
+        keep_e: list[int] = []
+        while m < len(starts) and starts[m] < ee:
+            a, b = starts[m], ends[m]
+            s = a if a > es else es
+            t = b if b < ee else ee
+            plan.add(e, s, t)
+            if a < s:
+                keep_s.append(a)
+                keep_e.append(s)
+            if t < b:
+                keep_s.append(t)
+                keep_e.append(b)
+            m += 1
+        starts[k:m] = keep_s
+        ends[k:m] = keep_e
+    return list(zip(starts, ends, strict=True))

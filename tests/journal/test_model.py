@@ -53,6 +53,20 @@ class JournalModel(RuleBasedStateMachine):
         self.disk[offset : offset + length] = data
         self.images[seq] = bytes(self.disk)
 
+    @rule(
+        sector=st.integers(0, VOL // 512 - 1),
+        sectors=st.integers(1, 80),
+        fill=st.binary(min_size=1, max_size=64),
+    )
+    def write_sectors(self, sector: int, sectors: int, fill: bytes) -> None:
+        """Whole 512-byte sectors, as a block device writes: the reader's sector-mask path."""
+        offset = sector * 512
+        length = min(sectors * 512, VOL - offset)
+        data = (fill * (length // len(fill) + 1))[:length]
+        seq = self.j.write("disk0", offset, data)
+        self.disk[offset : offset + length] = data
+        self.images[seq] = bytes(self.disk)
+
     @rule(offset=st.integers(0, VOL - 1), length=st.integers(1, 64 * 1024), trim=st.booleans())
     def zero(self, offset: int, length: int, trim: bool) -> None:
         length = min(length, VOL - offset)
@@ -101,6 +115,16 @@ class JournalModel(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.images)))
         offset = data.draw(st.integers(0, VOL - 1))
         length = data.draw(st.integers(1, VOL - offset))
+        got = self.j.read("disk0", offset, length, seq)
+        assert got == self.images[seq][offset : offset + length], f"seq {seq}"
+
+    @precondition(lambda self: len(self.images) > 0)
+    @rule(data=st.data())
+    def read_sectors_past_point(self, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(sorted(self.images)))
+        first = data.draw(st.integers(0, VOL // 512 - 1))
+        count = data.draw(st.integers(1, VOL // 512 - first))
+        offset, length = first * 512, count * 512
         got = self.j.read("disk0", offset, length, seq)
         assert got == self.images[seq][offset : offset + length], f"seq {seq}"
 

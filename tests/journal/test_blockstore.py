@@ -1,0 +1,63 @@
+"""The block store's batch paths: whole-block copies for reads, prepared puts for sealing."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from journal import BlockCorrupt, BlockRef, Journal, JournalOptions
+from journal.blockstore import block_id
+
+OPTS = JournalOptions(segment_size=24 * 1024, chunk_size=8 * 1024, pack_target=64 * 1024)
+
+
+def test_whole_block_copy_falls_back_on_stale_hints_and_checks_entries(tmp_path: Path) -> None:
+    j = Journal.open(str(tmp_path / "j"), options=OPTS)
+    try:
+        x, y = b"x" * 4096, random.Random(7).randbytes(4096)
+        refs = j.store.put_many([x, y])
+        j.store.flush()
+        rx, ry = refs
+        moved = BlockRef(rx.block_id, rx.length, rx.pack, ry.pack_offset)  # another block there
+        gone = BlockRef(rx.block_id, rx.length, 12345, 32)  # a pack that no longer exists
+        out = bytearray(4 * 4096)
+        j.store.copy_whole(memoryview(out), [(0, moved), (4096, gone), (8192, ry), (12288, rx)])
+        assert out == x + x + y + x
+
+        pack = next(p for p in (tmp_path / "j").rglob("*.pack"))
+        with open(pack, "r+b") as f:  # flip one stored byte of y (stored raw: incompressible)
+            f.seek(ry.pack_offset + 56 + 100)
+            f.write(bytes([f.read(1)[0] ^ 1]))
+        with pytest.raises(BlockCorrupt):
+            j.store.copy_whole(memoryview(out), [(0, ry)])
+    finally:
+        j.close()
+
+
+def test_prepared_put_stores_a_block_collected_after_it_was_prepared(tmp_path: Path) -> None:
+    """prepare() skips compressing what the store holds; put_many must not trust that."""
+    j = Journal.open(str(tmp_path / "j"), options=OPTS)
+    try:
+        rng = random.Random(8)
+        x, filler, y = rng.randbytes(8192), rng.randbytes(70_000), rng.randbytes(4096)
+        j.store.put_many([x, filler])  # fills the first pack past its target
+        j.store.flush()
+        j.store.put_many([y])  # so this starts a second pack, and the first can be collected
+        j.store.flush()
+        prep = j.store.prepare([x, b"z" * 9000, x])
+        assert block_id(x) not in prep.stored  # held then: not compressed ahead
+        assert block_id(b"z" * 9000) in prep.stored
+        dropped, packs = j.store.collect({bytes(r.block_id) for r in j.store.put_many([y])})
+        assert packs == 1 and dropped == 2
+        refs = j.store.put_many([x, b"z" * 9000, x], prep)
+        j.store.flush()
+        assert refs[0] == refs[2]
+        assert j.store.get(refs[0]) == x
+        assert j.store.get(refs[1]) == b"z" * 9000
+        out = bytearray(8192)
+        j.store.copy_whole(memoryview(out), [(0, refs[0])])
+        assert out == x
+    finally:
+        j.close()
