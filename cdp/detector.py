@@ -200,8 +200,8 @@ class GroupDetector:
     """Scores one consistency group's write stream (all its volumes share the window).
 
     ``prior(volume, offset, length, seq)`` returns the bytes a range held as of ``seq``
-    (from the journal; shorter past the volume's end); it is asked once per block the
-    detector has not seen.
+    (from the journal; shorter past the volume's end, for a size that is not a multiple of
+    4 KiB); it is asked once per block the detector has not seen.
 
     Per write the work is a few C calls, not a Python loop per 4 KiB block: classes live
     in one byte per block in 1 MiB pages, transitions are counted with ``bytes.translate``
@@ -327,8 +327,7 @@ class GroupDetector:
         if u0 < 0:
             return
         c0, c1 = first + u0, first + old.rfind(UNSEEN) + 1
-        span = self._get(volume, c0, c1 - c0)
-        # ``prior`` may return less at the volume's end: blocks past it stay EMPTY
+        span = old[u0 : c1 - first]
         seen = self._classify(self.prior(volume, c0 * BLOCK, (c1 - c0) * BLOCK, seq), c0 * BLOCK,
                               c0, c1 - c0)  # fmt: skip
         for k in range(c1 - c0):

@@ -294,7 +294,7 @@ class Daemon:
 
         def prior(vol: str, off: int, n: int, seq: int) -> bytes:
             j = g.journal
-            n = min(n, j.volume_size(vol) - off)  # whole chunks are asked for
+            n = min(n, j.volume_size(vol) - off)  # whole blocks: the last may pass the end
             if seq < j.window().first_seq or n <= 0:
                 return b""
             return j.read(vol, off, n, seq)

@@ -1,0 +1,94 @@
+"""The daemon's detector task: fed by the journal's tap, and reading back what it missed.
+
+A real journal and the real ``Daemon._detect`` loop; the rest of the daemon is left out
+(the task only needs the group's journal, the detector settings and a clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from cdp.config import DetectorSettings
+from cdp.daemon import service
+from cdp.daemon.service import Daemon
+from cdp.detector import Feed
+from journal import Journal, JournalOptions
+
+MIB = 1 << 20
+
+
+def _text(rng: random.Random, n: int) -> bytes:
+    words = b"invoice customer order total amount paid due report the of and".split()
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rng.choice(words) for _ in range(10)) + b".\n"
+    return bytes(out[:n])
+
+
+async def _run(tmp_path: Path, size: int = 32 * MIB) -> tuple[Any, Journal, int]:
+    j = Journal.open(str(tmp_path / "j"))
+    j.add_volume("v", size)
+    g = SimpleNamespace(
+        name="g", journal=j, volumes=[SimpleNamespace(name="v", detect=True)],
+        detector=None, quarantines=[],
+    )  # fmt: skip
+    d: Any = SimpleNamespace(
+        config=SimpleNamespace(detector=DetectorSettings()),
+        journal_options=JournalOptions(),
+        clock=j.clock,
+    )
+    d._score = lambda *a: Daemon._score(d, *a)
+    stop = asyncio.Event()
+    task = asyncio.create_task(Daemon._detect(d, g, stop))  # type: ignore[arg-type]
+    while g.detector is None or j._tap is None:  # noqa: ASYNC110 (the task's own state)
+        await asyncio.sleep(0.01)
+    rng = random.Random(1)
+    if size % 4096:  # the partial last block first: its prior must stop at the end
+        j.write("v", size - 1000, _text(rng, 1000))
+    for k in range(8):  # documents
+        j.write("v", k * MIB, _text(rng, MIB))
+    await asyncio.sleep(0.5)
+    first = int(j.window().last_seq) + 1
+    for k in range(8):  # encrypted in place, a write every 0.05 s of journal time
+        j.write("v", k * MIB, os.urandom(MIB))
+        await asyncio.sleep(0.05)
+    for _ in range(100):
+        if g.quarantines:
+            break
+        await asyncio.sleep(0.1)
+    stop.set()
+    await task
+    assert j._tap is None  # the task took its tap away
+    return g, j, first
+
+
+async def test_the_tap_feeds_the_detector(tmp_path: Path) -> None:
+    g, j, first = await _run(tmp_path)
+    assert len(g.quarantines) == 1
+    assert g.quarantines[0].detection.first_seq == first
+    j.close()
+
+
+async def test_a_detector_that_fell_behind_reads_the_stretch_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A feed too small for one write: every record is dropped and read back instead."""
+    monkeypatch.setattr(service, "Feed", lambda: Feed(max_bytes=1000))
+    g, j, first = await _run(tmp_path)
+    assert len(g.quarantines) == 1
+    assert g.quarantines[0].detection.first_seq == first
+    assert g.detector.sampled >= 16 * 2  # it saw all 16 writes (4+ samples each)
+    j.close()
+
+
+async def test_a_volume_whose_size_is_not_whole_blocks(tmp_path: Path) -> None:
+    g, j, first = await _run(tmp_path, size=32 * MIB + 1000)
+    assert len(g.quarantines) == 1 and g.quarantines[0].detection.first_seq == first
+    j.close()
