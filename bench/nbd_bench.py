@@ -63,6 +63,20 @@ def wait_socket(path: str, timeout: float = 30) -> None:
     raise TimeoutError(path)
 
 
+def profile(out: str, job: str, daemon: int, seconds: int) -> list[subprocess.Popen[bytes]]:
+    """py-spy (raw stacks, all threads) of the daemon and its children for one fio run."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    kids = subprocess.run(["pgrep", "-P", str(daemon)], capture_output=True, text=True)
+    spies = []
+    for who, pid in [("daemon", daemon)] + [("worker", int(p)) for p in kids.stdout.split()]:
+        dest = Path(out) / f"{job.replace(' ', '_').replace('/', '-')}-{who}-{pid}.txt"
+        spies.append(subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-d",
+             str(seconds), "-r", "200", "--threads", "--nonblocking", "-f", "raw", "-o",
+             str(dest)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -70,6 +84,8 @@ def main() -> int:
     ap.add_argument("--dir", default=str(Path(__file__).parent / "tmp" / "nbd_bench"))
     ap.add_argument("--job", action="append", choices=[j[0] for j in JOBS],
                     help="run only this job (repeatable); default: all")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="py-spy the daemon and its detector worker in each job's first cdp run")
     ap.add_argument("--no-detector", action="store_true",
                     help="[detector] enabled = false (A/B of the detector's cost to guests)")
     a = ap.parse_args()
@@ -112,9 +128,13 @@ def main() -> int:
                 continue
             rt = seq_runtime if key == "bw" else runtime
             res: dict[str, list[float]] = {"cdp": [], "qemu-nbd": []}
-            for _ in range(a.runs):
+            for k in range(a.runs):
                 for who in ("cdp", "qemu-nbd"):
+                    spies = profile(a.profile, name, ours.pid, rt) if (
+                        a.profile and who == "cdp" and k == 0) else []
                     res[who].append(fio(uris[who], args, rt)[key])
+                    for spy in spies:
+                        spy.wait(30)
             m = {k: statistics.median(v) for k, v in res.items()}
             unit = "MB/s" if key == "bw" else "IOPS"
             print(f"{name:30} {m['cdp']:>9.0f} {unit:<2} {m['qemu-nbd']:>9.0f} {unit:<2} "

@@ -140,7 +140,7 @@ class Feed:
 
 
 def ratio_class(sample: bytes | memoryview, cctx: zstandard.ZstdCompressor) -> int:
-    """1..255 for the sample's zstd ratio (x250: room above 1.0 for incompressible frames).
+    """1..254 for the sample's zstd ratio (x250: room above 1.0 for incompressible frames).
 
     EMPTY for zeroes: filling empty space is never suspicious.
     """
@@ -148,7 +148,7 @@ def ratio_class(sample: bytes | memoryview, cctx: zstandard.ZstdCompressor) -> i
     if not b or b.count(0) == len(b):
         return EMPTY
     r = len(cctx.compress(b)) / len(b)
-    return max(1, min(255, round(r * 250)))
+    return max(1, min(UNSEEN - 1, round(r * 250)))  # tiny samples pass 1.02: not UNSEEN
 
 
 @dataclass(slots=True)
@@ -163,7 +163,7 @@ class _Event:
 
 
 PAGE = 256  # blocks per page of a volume's class map (1 MiB of volume)
-UNSEEN = 255  # a class no sample yields (they top out at 255 only past 1.02 ratio): ask ``prior``
+UNSEEN = 255  # a class no sample yields (ratio_class stops at 254): ask ``prior``
 SPREAD = 4  # samples of a long write before it is trusted to be of one kind
 
 
@@ -234,9 +234,12 @@ class GroupDetector:
     _over: int = 0  # overwritten bytes in the window
     _redundant: int = 0  # of those, incompressible over incompressible
     _reverse: int = 0  # of those, incompressible -> compressible
+    # with the size in the frame, zstd sizes its tables to the 1 KiB sample instead of
+    # clearing ones for a 512 KiB window each time: 3x faster; classes move by one step
+    # (0.4 %) at most, on 4,515 samples of /usr, none across a threshold
     _cctx: zstandard.ZstdCompressor = field(
         default_factory=lambda: zstandard.ZstdCompressor(
-            level=1, write_content_size=False, write_checksum=False
+            level=1, write_content_size=True, write_checksum=False
         )
     )
     _t: _Tables = field(init=False)
@@ -268,6 +271,32 @@ class GroupDetector:
                 d = self._write(r)
                 if d is not None:
                     out.append(d)
+        return out
+
+    def needs(self, records: Iterable[Record]) -> list[tuple[str, int, int, int]]:
+        """The ``prior`` reads that ``observe(records)`` will make, as ``(volume, offset,
+        length, seq)``: a detector in its own process asks the daemon for all of them in one
+        round trip. A guess that turns out wrong only costs ``observe`` a read of its own.
+        """
+        out: list[tuple[str, int, int, int]] = []
+        known: dict[str, set[int]] = {}  # blocks an earlier record of the batch makes known
+        for r in records:
+            if not isinstance(r, (WriteRecord, ZeroRecord)) or r.volume in self.excluded:
+                continue
+            first, last = r.offset // BLOCK, (r.offset + r.length - 1) // BLOCK
+            s = known.setdefault(r.volume, set())
+            if isinstance(r, ZeroRecord):
+                if s:
+                    s.difference_update([b for b in s if first <= b <= last])
+                continue
+            if r.data is None:
+                continue
+            old = self._get(r.volume, first, last - first + 1)
+            unseen = [k for k, c in enumerate(old) if c == UNSEEN and first + k not in s]
+            if unseen:
+                c0, c1 = first + unseen[0], first + unseen[-1] + 1
+                out.append((r.volume, c0 * BLOCK, (c1 - c0) * BLOCK, r.seq - 1))
+            s.update(range(first, last + 1))
         return out
 
     def _zero(self, volume: str, offset: int, length: int) -> None:

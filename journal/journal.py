@@ -165,7 +165,7 @@ class Journal:
         self._durable: tuple[int, int] = (0, 0)
         self._closed = False
         self._failed: StorageError | None = None
-        self._tap: Callable[[list[Record]], None] | None = None
+        self._tap: Tap | None = None
         self.uuid = b""
         self.volumes: dict[str, VolumeMap] = {}
         self.segs: list[_Seg] = []
@@ -717,30 +717,24 @@ class Journal:
             self._tap_out(recs, ops)
             return Seq(self.next_seq - 1)
 
-    def set_tap(self, tap: Callable[[list[Record]], None] | None) -> None:
-        """Hand every write and zero that ``write_many`` appends to ``tap``, as records with
-        their data, in seq order (under the append lock), appended but not yet durable.
+    def set_tap(self, tap: Tap | None) -> None:
+        """Hand every write and zero that ``write_many`` appends to ``tap``, in seq order
+        (under the append lock), appended but not yet durable.
 
-        For an in-process reader that follows writes as they happen (the corruption
-        detector): reading them back with ``read_durable`` decodes every frame again, which
-        costs as much CPU as the capture itself for small writes. The data is copied,
-        because callers reuse their buffers. ``tap`` must be quick and must not call back
-        into the journal.
+        For a reader that follows writes as they happen (the corruption detector): reading
+        them back with ``read_durable`` decodes every frame again, which costs as much CPU
+        as the capture itself for small writes. ``tap(records, ops)`` gets the records
+        (a write's ``data`` is empty: its bytes are the matching op's, the caller's buffer,
+        valid only during the call) so that it copies each write once, into its own buffer,
+        with no object per record. ``tap`` must be quick and must not call back into the
+        journal.
         """
         self._tap = tap
 
     def _tap_out(self, recs: list[Record], ops: Sequence[WriteOp]) -> None:
         tap = self._tap
-        if tap is None:
-            return
-        out: list[Record] = []
-        for rec, (_, data, _, _) in zip(recs, ops, strict=True):
-            if isinstance(rec, WriteRecord) and data is not None:
-                rec = WriteRecord(
-                    rec.seq, rec.ts, rec.volume, rec.offset, rec.length, bytes(data), (), rec.wall
-                )
-            out.append(rec)
-        tap(out)
+        if tap is not None:
+            tap(recs, ops)
 
     def _append_one(self, rec: Record, parts: list[bytes | memoryview]) -> None:
         """One already-built record (the caller holds the append lock and set its seq)."""
@@ -851,6 +845,15 @@ class Journal:
                     f"{volume!r} of {vm.size} bytes"
                 )
             vm.read_into(out, offset, at, cache or self.new_cache())
+
+    def holds_data(self, volume: str, offset: int, length: int, at: int) -> bool:
+        """False when [offset, offset+length) surely reads as zeros as of seq ``at``: no
+        write and no base block touches it. For readers that only need to know what a
+        range held (the detector's first look at a block), without reading it.
+        """
+        self._check_point(at)
+        with self._map_lock:
+            return self._vol(volume).holds_data(offset, length, at)
 
     def volume_size(self, volume: str) -> int:
         """The volume's current size (a resize is a volume record; history keeps old reads)."""
@@ -1885,6 +1888,7 @@ class Journal:
 # ---------------------------------------------------------------------- helpers
 # (offset, data or None for zeroes, length, trim): one op of Journal.write_many
 WriteOp = tuple[int, "bytes | memoryview | None", int, bool]
+Tap = Callable[[list[Record], Sequence[WriteOp]], None]
 # build(seq, ts, wall) -> (record, payload parts): the record is made under the append lock
 _Builder = Callable[[Seq, int, "int | None"], tuple[Record, list[bytes | memoryview]]]
 

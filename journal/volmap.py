@@ -154,6 +154,21 @@ class VolumeMap:
             elif k:
                 del lst[:k]
 
+    def holds_data(self, offset: int, length: int, at_seq: int) -> bool:
+        """Whether a base block or a write (not a zero) as of ``at_seq`` touches the range."""
+        end = offset + length
+        for c in self.chunk_range(offset, length):
+            if c in self.base:
+                return True
+            lst = self.chunks.get(c)
+            if not lst:
+                continue
+            for k in range(bisect_right(lst, at_seq, key=_seq_key)):
+                e = lst[k]
+                if e.src is not None and e.offset < end and offset < e.offset + e.length:
+                    return True
+        return False
+
     def read_into(self, out: memoryview, offset: int, at_seq: int, cache: BlockCache) -> None:
         """Fill ``out`` (zeroed by the caller) with bytes [offset, offset+len(out)) as of seq.
 

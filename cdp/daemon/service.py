@@ -23,20 +23,18 @@ from pathlib import Path
 from cdp.capture.hashscan import HashScanner
 from cdp.capture.splitter import CleanMarker, onboard_export
 from cdp.config import Config, NbdSource, NbdTlsMode, ScanSource, VolumeConfig
-from cdp.daemon.quarantine import Quarantine, pin_clean_point
+from cdp.daemon.detect import DetectorState, run_detector
+from cdp.daemon.quarantine import Quarantine
 from cdp.daemon.replication import make_senders, make_targets, replica_alerts
 from cdp.daemon.site import journal_doc
 from cdp.daemon.snapshots import grid_enabled, snapshot_round
-from cdp.detector import DetectorConfig, Feed, GroupDetector
+from cdp.detector import DetectorConfig
 from cdp.nbd.export import Export, ExportSet
 from cdp.nbd.server import NbdServer, server_tls_context
 from journal import (
     CheckpointKind,
     Journal,
     JournalOptions,
-    PointNotRetained,
-    Record,
-    WriteRecord,
     wall_clock,
 )
 from journal.clock import Clock
@@ -62,7 +60,7 @@ class Group:
     reopens: int = 0
     retired: list[Journal] = field(default_factory=list)  # replaced after a failure
     quarantines: list[Quarantine] = field(default_factory=list)  # detector alarms
-    detector: GroupDetector | None = None
+    detector: DetectorState | None = None
 
     def not_a_point(self, seq: int) -> str | None:
         return None  # every retained seq of a primary journal is a crash-consistent point
@@ -279,87 +277,16 @@ class Daemon:
                 await asyncio.wait_for(stop.wait(), self.snapshot_interval_s)
 
     async def _detect(self, g: Group, stop: asyncio.Event) -> None:
-        """Tail the group's journal through the corruption detector (cdp/detector.py).
-
-        Off the acknowledgement path: capture hands it each write as it is appended
-        (``Journal.set_tap``, a copy into a bounded ``Feed``); a worker thread scores them a
-        fraction of a second later, and on an alarm pins the last clean point
-        (cdp/daemon/quarantine.py). When it falls behind, or the journal was reopened, it
-        reads that stretch back with ``read_durable``, so every write is scored once.
-        """
+        """Score the group's writes in the corruption detector's own process
+        (cdp/daemon/detect.py): off the acknowledgement path and off the daemon's GIL."""
         ds = self.config.detector
         excluded = frozenset(v.name for v in g.volumes if not v.detect)
         if not ds.enabled or len(excluded) == len(g.volumes):
             return
-
-        def prior(vol: str, off: int, n: int, seq: int) -> bytes:
-            j = g.journal
-            n = min(n, j.volume_size(vol) - off)  # whole blocks: the last may pass the end
-            if seq < j.window().first_seq or n <= 0:
-                return b""
-            return j.read(vol, off, n, seq)
-
-        det = GroupDetector(
-            self.journal_options.chunk_size,
-            DetectorConfig.for_sensitivity(ds.sensitivity),
-            prior,
-            excluded,
-        )
-        g.detector = det
-        feed = Feed()
-        tapped: Journal | None = None
-        pos, lost = 0, False
-        cursor = None
-        try:
-            while not stop.is_set():
-                try:
-                    j = g.journal
-                    if j is not tapped:  # first pass, or the journal was reopened
-                        j.set_tap(feed.push)
-                        tapped, lost = j, True
-                        if not pos:  # score what arrives from now on
-                            pos, lost = int(j.window().last_seq), False
-                    recs, dropped = feed.take()
-                    lost = lost or dropped
-                    if lost:  # fell behind (or reopened): read the stretch back
-                        upto = recs[0].seq - 1 if recs else int(j.window().last_seq)
-                        while pos < upto:
-                            back, cursor = await asyncio.to_thread(
-                                j.read_durable, pos + 1, max_bytes=32 << 20, cursor=cursor,
-                                sync=False,
-                            )  # fmt: skip
-                            back = [r for r in back if r.seq <= upto]
-                            if not back:
-                                break
-                            await self._score(g, det, j, await asyncio.to_thread(_inline, j, back))
-                            pos = back[-1].seq
-                        lost = False
-                    recs = [r for r in recs if r.seq > pos]
-                    if not recs:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(stop.wait(), 0.2)
-                        continue
-                    await self._score(g, det, j, recs)
-                    pos = recs[-1].seq
-                except PointNotRetained:
-                    pos, cursor = int(g.journal.window().first_seq), None
-                except Exception as e:  # the detector never takes capture down
-                    log.error("detector failed; retrying", extra={"group": g.name, "err": str(e)})
-                    cursor, lost = None, True
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 2.0)
-        finally:
-            if tapped is not None:
-                tapped.set_tap(None)
-
-    async def _score(self, g: Group, det: GroupDetector, j: Journal, recs: list[Record]) -> None:
-        """Score a stretch of the stream; pin the last clean point of what it detects."""
-        ds = self.config.detector
-        for d in await asyncio.to_thread(det.observe, recs):
-            q = await asyncio.to_thread(
-                pin_clean_point, j, g.name, d, now_ns=self.clock(), lock_ns=ds.lock_ns
-            )
-            g.quarantines.append(q)
+        await run_detector(
+            g, DetectorConfig.for_sensitivity(ds.sensitivity), excluded,
+            self.journal_options.chunk_size, ds.lock_ns, self.clock, stop,
+        )  # fmt: skip
 
     async def _sealer(self, g: Group, stop: asyncio.Event) -> None:
         """Move data of rolled segments into the block store, off the write path.
@@ -639,6 +566,9 @@ class Daemon:
                 else {
                     "sampled": g.detector.sampled,
                     "sampled_bytes": g.detector.sampled_bytes,
+                    "scored_seq": g.detector.scored_seq,
+                    "dropped_batches": g.detector.dropped,
+                    "restarts": g.detector.restarts,
                     "alarms": len(g.quarantines),
                 }
             )
@@ -686,20 +616,6 @@ class Daemon:
             "volumes": volumes,
             "alerts": alerts,
         }
-
-
-def _inline(j: Journal, recs: list[Record]) -> list[Record]:
-    """Writes already sealed (refs) get their data back from the block store."""
-    out: list[Record] = []
-    for r in recs:
-        if isinstance(r, WriteRecord) and r.data is None:
-            blocks = j.get_blocks(list(r.refs))
-            r = WriteRecord(
-                r.seq, r.ts, r.volume, r.offset, r.length,
-                b"".join(blocks[x.block_id] for x in r.refs), (), r.wall,
-            )  # fmt: skip
-        out.append(r)
-    return out
 
 
 def _journal_of(g: Group) -> Callable[[], Journal]:

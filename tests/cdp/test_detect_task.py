@@ -1,13 +1,16 @@
 """The daemon's detector task: fed by the journal's tap, and reading back what it missed.
 
-A real journal and the real ``Daemon._detect`` loop; the rest of the daemon is left out
-(the task only needs the group's journal, the detector settings and a clock).
+A real journal, the real ``Daemon._detect`` loop and the real worker process it starts;
+the rest of the daemon is left out (the task only needs the group's journal, the detector
+settings and a clock).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,9 +19,8 @@ from typing import Any
 import pytest
 
 from cdp.config import DetectorSettings
-from cdp.daemon import service
 from cdp.daemon.service import Daemon
-from cdp.detector import Feed
+from cdp.daemon import detect
 from journal import Journal, JournalOptions
 
 MIB = 1 << 20
@@ -32,7 +34,20 @@ def _text(rng: random.Random, n: int) -> bytes:
     return bytes(out[:n])
 
 
-async def _run(tmp_path: Path, size: int = 32 * MIB) -> tuple[Any, Journal, int]:
+def _worker_pids() -> list[int]:
+    """This process's detector workers (children running cdp.detector_worker)."""
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):
+                if b"cdp.detector_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(int(pid))
+    return pids
+
+
+async def _run(
+    tmp_path: Path, size: int = 32 * MIB, kill_worker: bool = False
+) -> tuple[Any, Journal, int]:
     j = Journal.open(str(tmp_path / "j"))
     j.add_volume("v", size)
     g = SimpleNamespace(
@@ -44,7 +59,6 @@ async def _run(tmp_path: Path, size: int = 32 * MIB) -> tuple[Any, Journal, int]
         journal_options=JournalOptions(),
         clock=j.clock,
     )
-    d._score = lambda *a: Daemon._score(d, *a)
     stop = asyncio.Event()
     task = asyncio.create_task(Daemon._detect(d, g, stop))  # type: ignore[arg-type]
     while g.detector is None or j._tap is None:  # noqa: ASYNC110 (the task's own state)
@@ -56,9 +70,17 @@ async def _run(tmp_path: Path, size: int = 32 * MIB) -> tuple[Any, Journal, int]
         j.write("v", k * MIB, _text(rng, MIB))
     await asyncio.sleep(0.5)
     first = int(j.window().last_seq) + 1
+    if kill_worker:  # the first half is encrypted while no worker runs
+        (pid,) = _worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        while g.detector.restarts == 0:  # noqa: ASYNC110 (the task's own state)
+            await asyncio.sleep(0.01)
     for k in range(8):  # encrypted in place, a write every 0.05 s of journal time
         j.write("v", k * MIB, os.urandom(MIB))
         await asyncio.sleep(0.05)
+        if kill_worker and k == 3:
+            while not _worker_pids():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
     for _ in range(100):
         if g.quarantines:
             break
@@ -79,16 +101,27 @@ async def test_the_tap_feeds_the_detector(tmp_path: Path) -> None:
 async def test_a_detector_that_fell_behind_reads_the_stretch_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A feed too small for one write: every record is dropped and read back instead."""
-    monkeypatch.setattr(service, "Feed", lambda: Feed(max_bytes=1000))
+    """A ring too small for one write: every record is dropped and read back instead."""
+    monkeypatch.setattr(detect, "DEFAULT_CAPACITY", 1000)
     g, j, first = await _run(tmp_path)
     assert len(g.quarantines) == 1
     assert g.quarantines[0].detection.first_seq == first
     assert g.detector.sampled >= 16 * 2  # it saw all 16 writes (4+ samples each)
+    assert g.detector.dropped >= 16  # and every one of them came by the read back
     j.close()
 
 
 async def test_a_volume_whose_size_is_not_whole_blocks(tmp_path: Path) -> None:
     g, j, first = await _run(tmp_path, size=32 * MIB + 1000)
     assert len(g.quarantines) == 1 and g.quarantines[0].detection.first_seq == first
+    j.close()
+
+
+async def test_a_worker_that_dies_is_started_again_and_scores_what_it_missed(
+    tmp_path: Path,
+) -> None:
+    g, j, first = await _run(tmp_path, kill_worker=True)
+    assert g.detector.restarts == 1
+    assert len(g.quarantines) == 1
+    assert g.quarantines[0].detection.first_seq == first  # written while none ran
     j.close()

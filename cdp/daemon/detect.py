@@ -1,0 +1,255 @@
+"""The daemon's side of the corruption detector: the ring, the worker process, its requests.
+
+Capture hands each write to the ring through the journal's tap (cdp/detector_feed.py); the
+worker (cdp/detector_worker.py) scores it in its own process, a few milliseconds later, and
+asks this side only for what it cannot know: what a block held before (the journal, once
+per block it has not seen) and what the ring dropped (read back with ``read_durable``). On
+a detection this side pins the last clean point (cdp/daemon/quarantine.py). A worker that
+dies is started again, and resumes from the last seq it reported scored, so every write is
+scored once, and the detector never takes capture down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+from cdp.daemon.quarantine import Quarantine, pin_clean_point
+from cdp.detector import Detection, DetectorConfig
+from cdp.detector_feed import DEFAULT_CAPACITY, Ring, RingWriter
+from cdp.detector_worker import MAX_FRAME, encode_records
+from journal import Journal, PointNotRetained, Record, WriteRecord
+from journal.journal import TailCursor
+
+log = logging.getLogger(__name__)
+
+_LEN = struct.Struct("<I")
+RESTART_DELAY_S = 2.0
+
+
+@dataclass(slots=True)
+class DetectorState:
+    """What status shows of a group's detector."""
+
+    sampled: int = 0
+    sampled_bytes: int = 0
+    scored_seq: int = 0  # every write at or before it was scored
+    dropped: int = 0  # tap batches the ring had no room for (read back instead)
+    restarts: int = 0  # worker processes started again after one died
+
+
+class DetectedGroup(Protocol):
+    """The part of a consistency group the detector uses."""
+
+    name: str
+    journal: Journal
+    detector: DetectorState | None
+    quarantines: list[Quarantine]
+
+
+async def run_detector(
+    g: DetectedGroup,
+    config: DetectorConfig,
+    excluded: frozenset[str],
+    chunk_size: int,
+    lock_ns: int,
+    clock: Callable[[], int],
+    stop: asyncio.Event,
+    capacity: int | None = None,
+) -> None:
+    """Run the group's detector worker until ``stop``; start it again when it dies."""
+    capacity = capacity or DEFAULT_CAPACITY
+    state = g.detector = DetectorState(scored_seq=int(g.journal.window().last_seq))
+    first = True
+    while not stop.is_set():
+        try:
+            await _one_worker(g, state, config, excluded, chunk_size, lock_ns, clock, stop,
+                              capacity, resume=not first)  # fmt: skip
+        except Exception as e:  # the detector never takes capture down
+            log.error("detector failed; restarting it", extra={"group": g.name, "err": str(e)})
+        first = False
+        if not stop.is_set():
+            state.restarts += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RESTART_DELAY_S)
+
+
+async def _one_worker(
+    g: DetectedGroup,
+    state: DetectorState,
+    config: DetectorConfig,
+    excluded: frozenset[str],
+    chunk_size: int,
+    lock_ns: int,
+    clock: Callable[[], int],
+    stop: asyncio.Event,
+    capacity: int,
+    resume: bool,
+) -> None:
+    ring = Ring.create(capacity)
+    j = g.journal
+    after = state.scored_seq if resume else int(j.window().last_seq)
+    writer = RingWriter(ring, after, excluded)
+    writer.mark_gap()  # whatever lands before the tap is set is read back
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cdp.detector_worker", str(ring.fd), str(capacity),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(ring.fd,),
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    chan_in, chan_out = proc.stdout, proc.stdin
+    tapped: Journal | None = None
+    state.scored_seq = after
+    server = _Server()
+    try:
+        _send(chan_out, {"t": "hello", "after": after, "chunk_size": chunk_size,
+                         "excluded": sorted(excluded), "config": asdict(config)})  # fmt: skip
+        await chan_out.drain()
+        j.set_tap(writer.tap)
+        tapped = j
+        reading = asyncio.ensure_future(_recv(chan_in))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait({reading, stopping}, timeout=0.2,
+                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                if stopping in done:
+                    return
+                if g.journal is not tapped:  # reopened after a failure: tap the new one
+                    tapped.set_tap(None)
+                    writer.mark_gap()
+                    tapped = g.journal
+                    tapped.set_tap(writer.tap)
+                state.dropped = writer.dropped
+                if reading not in done:
+                    writer.flush_gap(int(tapped.window().last_seq))  # writes paused
+                    continue
+                msg = reading.result()
+                if msg is None:
+                    raise RuntimeError(f"detector worker exited (code {proc.returncode})")
+                reading = asyncio.ensure_future(_recv(chan_in))
+                reply = await _handle(g, state, tapped, server, msg, lock_ns, clock)
+                if reply is not None:
+                    _send(chan_out, reply)
+                    await chan_out.drain()
+        finally:
+            for t in (reading, stopping):
+                t.cancel()
+    finally:
+        if tapped is not None:
+            tapped.set_tap(None)
+        with contextlib.suppress(Exception):
+            chan_out.close()  # the worker exits when its stdin closes
+        try:
+            await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        ring.close()
+
+
+class _Server:
+    """Per-worker read state: the cursor of a read back that goes on in steps."""
+
+    def __init__(self) -> None:
+        self.cursor: TailCursor | None = None
+        self.cursor_at = -1
+
+
+async def _handle(
+    g: DetectedGroup,
+    state: DetectorState,
+    j: Journal,
+    server: _Server,
+    msg: dict[str, Any],
+    lock_ns: int,
+    clock: Callable[[], int],
+) -> dict[str, Any] | None:
+    t = msg.get("t")
+    if t == "prior":
+        return {"data": await asyncio.to_thread(_priors, j, msg["spans"])}
+    if t == "back":
+        return await asyncio.to_thread(_read_back, j, server, int(msg["after"]),
+                                       int(msg["upto"]))  # fmt: skip
+    if t == "stats":
+        state.sampled, state.sampled_bytes = int(msg["sampled"]), int(msg["sampled_bytes"])
+        state.scored_seq = max(state.scored_seq, int(msg["pos"]))
+        return None
+    if t == "det":
+        fields = {k: v for k, v in msg.items() if k != "t"}
+        d = Detection(**{**fields, "volumes": tuple(fields["volumes"])})
+        q = await asyncio.to_thread(pin_clean_point, j, g.name, d, now_ns=clock(),
+                                    lock_ns=lock_ns)  # fmt: skip
+        g.quarantines.append(q)
+        return None
+    raise RuntimeError(f"detector worker sent an unknown message {t!r}")
+
+
+def _priors(j: Journal, spans: list[list[Any]]) -> list[bytes]:
+    """What each range held as of its seq; b"" for zeroes, never written or not retained
+    (the detector takes all three as empty space)."""
+    out: list[bytes] = []
+    first = int(j.window().first_seq)
+    for vol, off, n, seq in spans:
+        try:
+            n = min(n, j.volume_size(vol) - off)  # whole blocks: the last may pass the end
+            if seq < first or n <= 0 or not j.holds_data(vol, off, n, seq):
+                out.append(b"")
+            else:
+                out.append(j.read(vol, off, n, seq))
+        except (PointNotRetained, KeyError, ValueError):
+            out.append(b"")
+    return out
+
+
+def _read_back(j: Journal, server: _Server, after: int, upto: int) -> dict[str, Any]:
+    """Records after ``after`` up to ``upto``, about 32 MiB at a time."""
+    cursor = server.cursor if server.cursor_at == after else None
+    try:
+        back, cursor = j.read_durable(after + 1, max_bytes=32 << 20, cursor=cursor, sync=False)
+    except PointNotRetained:  # folded meanwhile: go on from the window's start
+        first = int(j.window().first_seq)
+        back, cursor = j.read_durable(first, max_bytes=32 << 20, sync=False)
+    back = [r for r in back if r.seq <= upto]
+    if not back:
+        return {"recs": [], "last": after}
+    server.cursor, server.cursor_at = cursor, int(back[-1].seq)
+    return {"recs": encode_records(_inline(j, back)), "last": int(back[-1].seq)}
+
+
+def _inline(j: Journal, recs: list[Record]) -> list[Record]:
+    """Writes already sealed (refs) get their data back from the block store."""
+    out: list[Record] = []
+    for r in recs:
+        if isinstance(r, WriteRecord) and r.data is None:
+            blocks = j.get_blocks(list(r.refs))
+            r = WriteRecord(
+                r.seq, r.ts, r.volume, r.offset, r.length,
+                b"".join(blocks[x.block_id] for x in r.refs), (), r.wall,
+            )  # fmt: skip
+        out.append(r)
+    return out
+
+
+def _send(w: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+    body = msgpack.packb(msg, use_bin_type=True)
+    w.write(_LEN.pack(len(body)) + body)
+
+
+async def _recv(r: asyncio.StreamReader) -> dict[str, Any] | None:
+    """The worker's next message; None when it closed the channel (exited)."""
+    try:
+        (n,) = _LEN.unpack(await r.readexactly(_LEN.size))
+        if n > MAX_FRAME:
+            return None
+        msg = msgpack.unpackb(await r.readexactly(n), raw=False)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    return msg if isinstance(msg, dict) else None

@@ -1,0 +1,195 @@
+"""The detector's feed: writes as capture appends them, in a ring of shared memory.
+
+Why shared memory and a second process: the detector's per-write Python (a zstd sample,
+the class map) run in a thread of the daemon holds the GIL the NBD event loop needs, and
+cost guests two thirds of their 4 KiB IOPS (docs/benchmarks.md). In its own process it
+costs the daemon one copy per write into this ring, under the journal's append lock.
+
+One writer (the journal's tap, in the daemon) and one reader (cdp/detector_worker.py).
+The ring is a memfd both map: a 64-byte header holding ``head`` (bytes ever written) and
+``tail`` (bytes ever consumed), then ``capacity`` bytes of records, wrapping. The writer
+publishes ``head`` only after a record's bytes are in place, the reader ``tail`` only after
+it copied them out: each index has one writer, an aligned 8-byte store on x86-64, so
+neither side locks.
+
+A writer that finds no room drops the batch (the guest never waits for the detector) and
+remembers the last seq it delivered; the next batch it can place is preceded by a ``GAP``
+record naming the seqs dropped, which the reader asks the daemon to read back from the
+journal. Nothing goes unscored, and a stalled detector costs capture nothing.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from journal import Record, WriteRecord, ZeroRecord
+from journal.journal import WriteOp
+
+HEADER = 64
+_IDX = struct.Struct("<Q")
+# kind, seq, ts, offset, length, name length; then the name, then a write's data
+_REC = struct.Struct("<BQQQIH")
+WRITE, ZERO, TRIM, GAP = 0, 1, 2, 3
+DEFAULT_CAPACITY = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Seqs ``after+1 .. upto`` were dropped (or never tapped): read them back."""
+
+    after: int
+    upto: int
+
+
+class Ring:
+    """The shared ring; ``writer()`` for the daemon's side, ``reader()`` for the worker's."""
+
+    def __init__(self, fd: int, capacity: int) -> None:
+        self.fd = fd
+        self.capacity = capacity
+        self._mm = mmap.mmap(fd, HEADER + capacity)
+        self._buf = memoryview(self._mm)
+
+    @classmethod
+    def create(cls, capacity: int = DEFAULT_CAPACITY) -> Ring:
+        fd = os.memfd_create("cdp-detector-feed", 0)  # inheritable only where passed
+        os.ftruncate(fd, HEADER + capacity)
+        return cls(fd, capacity)
+
+    def close(self) -> None:
+        self._buf.release()
+        self._mm.close()
+        os.close(self.fd)
+
+    def _head(self) -> int:
+        return int(_IDX.unpack_from(self._mm, 0)[0])
+
+    def _tail(self) -> int:
+        return int(_IDX.unpack_from(self._mm, 8)[0])
+
+    def _put(self, pos: int, data: bytes | memoryview) -> int:
+        cap, n = self.capacity, len(data)
+        at = pos % cap
+        first = min(n, cap - at)
+        self._buf[HEADER + at : HEADER + at + first] = data[:first]
+        if first < n:
+            self._buf[HEADER : HEADER + n - first] = data[first:]
+        return pos + n
+
+    def _get(self, pos: int, n: int) -> bytes:
+        cap = self.capacity
+        at = pos % cap
+        first = min(n, cap - at)
+        out = bytes(self._buf[HEADER + at : HEADER + at + first])
+        if first < n:
+            out += bytes(self._buf[HEADER : HEADER + n - first])
+        return out
+
+
+class RingWriter:
+    """The daemon's end: ``tap`` is what ``Journal.set_tap`` is given."""
+
+    def __init__(self, ring: Ring, after: int, excluded: frozenset[str] = frozenset()) -> None:
+        self.ring = ring
+        self.excluded = excluded
+        self.delivered = after  # last seq placed in the ring (or scored before it)
+        self.gap = False  # something after ``delivered`` was dropped
+        self.dropped = 0  # batches dropped, for status
+        self._lock = threading.Lock()  # the tap runs wherever write_many is called
+
+    def mark_gap(self) -> None:
+        """Records appended while no tap was set (a reopened journal) must be read back."""
+        with self._lock:
+            self.gap = True
+
+    def tap(self, recs: list[Record], ops: Sequence[WriteOp]) -> None:
+        parts: list[tuple[bytes, bytes | memoryview | None]] = []
+        need = 0
+        for rec, op in zip(recs, ops, strict=True):
+            if isinstance(rec, WriteRecord) and rec.volume not in self.excluded:
+                name = rec.volume.encode()
+                data = op[1]
+                assert data is not None
+                head = _REC.pack(WRITE, rec.seq, rec.ts, rec.offset, rec.length, len(name))
+                parts.append((head + name, data))
+                need += len(head) + len(name) + rec.length
+            elif isinstance(rec, ZeroRecord) and rec.volume not in self.excluded:
+                name = rec.volume.encode()
+                kind = TRIM if rec.trim else ZERO
+                head = _REC.pack(kind, rec.seq, rec.ts, rec.offset, rec.length, len(name))
+                parts.append((head + name, None))
+                need += len(head) + len(name)
+        if not recs:
+            return
+        last = int(recs[-1].seq)
+        with self._lock:
+            self._place(parts, need, int(recs[0].seq) - 1, last)
+
+    def flush_gap(self, upto: int) -> None:
+        """Place a pending gap now (the daemon calls it when writes pause)."""
+        with self._lock:
+            if self.gap and upto > self.delivered:
+                self._place([], 0, upto, upto)
+
+    def _place(self, parts: list[tuple[bytes, bytes | memoryview | None]], need: int,
+               before: int, last: int) -> None:  # fmt: skip
+        r = self.ring
+        head = r._head()
+        gap = b""
+        if self.gap and before > self.delivered:
+            gap = _REC.pack(GAP, self.delivered, 0, before, 0, 0)
+        if r.capacity - (head - r._tail()) < need + len(gap):
+            self.gap = True
+            self.dropped += 1
+            return
+        pos = r._put(head, gap) if gap else head
+        for meta, data in parts:
+            pos = r._put(pos, meta)
+            if data is not None:
+                pos = r._put(pos, data)
+        self.gap = False
+        self.delivered = last
+        _IDX.pack_into(r._mm, 0, pos)  # publish: the bytes before ``pos`` are in place
+
+
+class RingReader:
+    """The worker's end: records and gaps, in the order the writer placed them."""
+
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+
+    def take(self, max_bytes: int = 16 << 20) -> list[Record | Gap]:
+        """What the writer placed since the last take (about ``max_bytes`` at most): one
+        copy out of the ring, then records that slice it."""
+        r = self.ring
+        head, tail = r._head(), r._tail()
+        if head == tail:
+            return []
+        n = min(head - tail, max_bytes)
+        kind, _, _, _, ln, nl = _REC.unpack(r._get(tail, _REC.size))
+        n = max(n, _REC.size + nl + (ln if kind == WRITE else 0))  # one record at least
+        buf = r._get(tail, n)
+        view = memoryview(buf)
+        out: list[Record | Gap] = []
+        pos, size = 0, _REC.size
+        while pos + size <= n:
+            kind, seq, ts, off, ln, nl = _REC.unpack_from(buf, pos)
+            end = pos + size + nl + (ln if kind == WRITE else 0)
+            if end > n:
+                break  # cut by the copy's cap: the rest comes next time
+            if kind == GAP:
+                out.append(Gap(seq, off))
+            else:
+                vol = buf[pos + size : pos + size + nl].decode()
+                if kind == WRITE:
+                    out.append(WriteRecord(seq, ts, vol, off, ln, view[end - ln : end]))
+                else:
+                    out.append(ZeroRecord(seq, ts, vol, off, ln, kind == TRIM))
+            pos = end
+        _IDX.pack_into(r._mm, 8, tail + pos)  # the writer may reuse what was copied out
+        return out

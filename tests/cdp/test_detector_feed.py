@@ -1,0 +1,104 @@
+"""The detector's ring (cdp/detector_feed.py) and the prior reads the worker asks in one go."""
+
+from __future__ import annotations
+
+import os
+import random
+
+from cdp.detector import BLOCK, DetectorConfig, GroupDetector
+from cdp.detector_feed import Gap, Ring, RingReader, RingWriter
+from journal import Record, Seq, WriteRecord, ZeroRecord
+
+
+def _w(seq: int, off: int, data: bytes, vol: str = "v") -> WriteRecord:
+    return WriteRecord(Seq(seq), seq * 10, vol, off, len(data), b"")
+
+
+def _ops(recs: list[Record], datas: list[bytes | None]) -> list[tuple[int, bytes | None, int, bool]]:
+    return [(r.offset, d, r.length, False) for r, d in zip(recs, datas, strict=True)]  # type: ignore[union-attr]
+
+
+def test_records_come_out_as_they_went_in_across_the_wrap() -> None:
+    ring = Ring.create(capacity=10_000)
+    w, r = RingWriter(ring, after=0), RingReader(ring)
+    rng = random.Random(3)
+    seq, sent, got = 0, [], []
+    for _ in range(300):  # ~1.3 MB through a 10 kB ring: it wraps many times
+        n = rng.randint(1, 6000)
+        data = os.urandom(n)
+        seq += 1
+        if rng.random() < 0.2:
+            z = ZeroRecord(Seq(seq), seq, "vol-é", 512, n, trim=True)
+            w.tap([z], [(512, None, n, True)])
+            sent.append(("z", seq, n, None))
+        else:
+            w.tap([_w(seq, 4096, data)], [(4096, memoryview(data), n, False)])
+            sent.append(("w", seq, n, data))
+        for it in r.take():
+            assert not isinstance(it, Gap)  # one record at a time always fits
+            if isinstance(it, WriteRecord):
+                got.append(("w", it.seq, it.length, bytes(it.data or b"")))
+            else:
+                assert isinstance(it, ZeroRecord) and it.trim and it.volume == "vol-é"
+                got.append(("z", it.seq, it.length, None))
+    assert got == sent
+    ring.close()
+
+
+def test_a_full_ring_drops_and_says_which_seqs_to_read_back() -> None:
+    ring = Ring.create(capacity=3 * BLOCK + 200)  # three records of a block, with headers
+    w, r = RingWriter(ring, after=5), RingReader(ring)
+    blk = bytes(BLOCK)
+    for s in (6, 7, 8, 9):  # the fourth does not fit: dropped
+        w.tap([_w(s, 0, blk)], [(0, blk, BLOCK, False)])
+    assert w.dropped == 1 and w.gap
+    assert [it.seq for it in r.take()] == [6, 7, 8]  # type: ignore[union-attr]
+    w.tap([_w(12, 0, blk)], [(0, blk, BLOCK, False)])  # 10 and 11 were checkpoints, say
+    out = r.take()
+    assert [type(x) for x in out] == [Gap, WriteRecord]
+    assert out[0] == Gap(after=8, upto=11) and out[1].seq == 12  # type: ignore[union-attr]
+    w.mark_gap()  # a reopened journal: what came before the new tap is read back
+    w.flush_gap(upto=20)
+    assert r.take() == [Gap(after=12, upto=20)]
+    ring.close()
+
+
+def test_a_write_larger_than_a_take_comes_whole_and_excluded_volumes_never_enter() -> None:
+    ring = Ring.create(capacity=4 << 20)
+    w, r = RingWriter(ring, after=0, excluded=frozenset({"swap"})), RingReader(ring)
+    big = os.urandom(3 << 20)
+    recs: list[Record] = [_w(1, 0, big), _w(2, 0, big[:10], vol="swap")]
+    w.tap(recs, _ops(recs, [big, big[:10]]))
+    out = r.take(max_bytes=1 << 20)
+    assert len(out) == 1 and isinstance(out[0], WriteRecord) and bytes(out[0].data or b"") == big
+    assert r.take() == []
+    ring.close()
+
+
+def test_needs_names_every_prior_read_observe_makes() -> None:
+    """The worker asks the daemon for ``needs(batch)`` in one round trip; ``observe`` must
+    then find every read it makes among them (a miss costs a round trip of its own)."""
+    rng = random.Random(7)
+    asked: list[tuple[str, int, int, int]] = []
+
+    def prior(vol: str, off: int, n: int, seq: int) -> bytes:
+        asked.append((vol, off, n, seq))
+        return os.urandom(n) if rng.random() < 0.5 else b"text " * (n // 5)
+
+    det = GroupDetector(65536, DetectorConfig(), prior)
+    seq = 0
+    for _ in range(30):
+        batch: list[Record] = []
+        for _ in range(rng.randint(1, 40)):
+            seq += 1
+            off = rng.randrange(0, 64) * BLOCK + rng.choice([0, 0, 0, 512])
+            n = rng.choice([512, BLOCK, 3 * BLOCK, 70 * BLOCK])
+            if rng.random() < 0.1:
+                batch.append(ZeroRecord(Seq(seq), seq, "v", off, n, trim=True))
+            else:
+                batch.append(WriteRecord(Seq(seq), seq, "v", off, n, os.urandom(n)))
+        want = det.needs(batch)
+        asked.clear()
+        det.observe(batch)
+        assert set(asked) <= set(want), (asked, want)
+        assert len(want) == len(set(want))
