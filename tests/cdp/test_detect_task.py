@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import random
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from cdp.config import DetectorSettings
-from cdp.daemon.service import Daemon
 from cdp.daemon import detect
+from cdp.daemon.service import Daemon
 from journal import Journal, JournalOptions
 
 MIB = 1 << 20

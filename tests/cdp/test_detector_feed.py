@@ -14,7 +14,10 @@ def _w(seq: int, off: int, data: bytes, vol: str = "v") -> WriteRecord:
     return WriteRecord(Seq(seq), seq * 10, vol, off, len(data), b"")
 
 
-def _ops(recs: list[Record], datas: list[bytes | None]) -> list[tuple[int, bytes | None, int, bool]]:
+Op = tuple[int, bytes | None, int, bool]
+
+
+def _ops(recs: list[Record], datas: list[bytes | None]) -> list[Op]:
     return [(r.offset, d, r.length, False) for r, d in zip(recs, datas, strict=True)]  # type: ignore[union-attr]
 
 
@@ -22,11 +25,10 @@ def test_records_come_out_as_they_went_in_across_the_wrap() -> None:
     ring = Ring.create(capacity=10_000)
     w, r = RingWriter(ring, after=0), RingReader(ring)
     rng = random.Random(3)
-    seq, sent, got = 0, [], []
-    for _ in range(300):  # ~1.3 MB through a 10 kB ring: it wraps many times
+    sent, got = [], []
+    for seq in range(1, 301):  # ~1.3 MB through a 10 kB ring: it wraps many times
         n = rng.randint(1, 6000)
         data = os.urandom(n)
-        seq += 1
         if rng.random() < 0.2:
             z = ZeroRecord(Seq(seq), seq, "vol-é", 512, n, trim=True)
             w.tap([z], [(512, None, n, True)])
