@@ -41,7 +41,7 @@ def fio(uri: str, args: list[str], runtime: int) -> dict:  # type: ignore[type-a
            "--output-format=json", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     w = json.loads(out[out.index("{"):])["jobs"][0]["write"]
-    return {"iops": w["iops"], "bw": w["bw_bytes"] / 1e6}
+    return {"iops": w["iops"], "bw": w["bw_bytes"] / 1e6, "ios": w["total_ios"]}
 
 
 def api(sock: str, path: str) -> dict:  # type: ignore[type-arg]
@@ -61,6 +61,20 @@ def wait_socket(path: str, timeout: float = 30) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(path)
+
+
+def cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of the daemon and of each child (the detector worker)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    for who, p in [("daemon", pid)] + [("worker", int(k)) for k in kids.split()]:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue
+        out[who] = out.get(who, 0.0) + (int(f[11]) + int(f[12])) / tick
+    return out
 
 
 def profile(out: str, job: str, daemon: int, seconds: int) -> list[subprocess.Popen[bytes]]:
@@ -128,11 +142,16 @@ def main() -> int:
                 continue
             rt = seq_runtime if key == "bw" else runtime
             res: dict[str, list[float]] = {"cdp": [], "qemu-nbd": []}
+            cost: dict[str, list[float]] = {}
             for k in range(a.runs):
                 for who in ("cdp", "qemu-nbd"):
                     spies = profile(a.profile, name, ours.pid, rt) if (
                         a.profile and who == "cdp" and k == 0) else []
-                    res[who].append(fio(uris[who], args, rt)[key])
+                    c0 = cpu_s(ours.pid) if who == "cdp" else {}
+                    r = fio(uris[who], args, rt)
+                    res[who].append(r[key])
+                    for k, v in cpu_s(ours.pid).items() if who == "cdp" else []:
+                        cost.setdefault(k, []).append((v - c0.get(k, 0.0)) / r["ios"] * 1e6)
                     for spy in spies:
                         spy.wait(30)
             m = {k: statistics.median(v) for k, v in res.items()}
@@ -141,6 +160,8 @@ def main() -> int:
                   f"{m['cdp'] / m['qemu-nbd']:>6.0%}", flush=True)
             print(f"{'':30} runs: cdp {[round(x) for x in res['cdp']]}, "
                   f"qemu-nbd {[round(x) for x in res['qemu-nbd']]}", flush=True)
+            print(f"{'':30} CPU per write (µs, median): " + ", ".join(
+                f"{k} {statistics.median(v):.1f}" for k, v in cost.items()), flush=True)
             if key == "bw":
                 st = api(f"{sock_dir}/api.sock", "/v1/status")["groups"][0]
                 backlog = st["unsealed_segments"]

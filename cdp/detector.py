@@ -104,6 +104,23 @@ class Detection:
     score: float  # what crossed ``min_fraction``
 
 
+class Write:
+    """A write as the detector reads it from its ring: the fields of a ``WriteRecord`` it
+    uses, built for a tenth of the cost (a frozen dataclass sets each field through
+    ``object.__setattr__``; at 20,000 writes a second that is a few percent of a core)."""
+
+    __slots__ = ("data", "length", "offset", "seq", "ts", "volume")
+
+    def __init__(
+        self, seq: int, ts: int, volume: str, offset: int, length: int, data: bytes | memoryview
+    ) -> None:
+        self.seq, self.ts, self.volume = seq, ts, volume
+        self.offset, self.length, self.data = offset, length, data
+
+
+Observed = Record | Write
+
+
 @dataclass
 class Feed:
     """Writes as capture appends them (``Journal.set_tap``), for the detector to take.
@@ -259,13 +276,13 @@ class GroupDetector:
         c = UNSEEN if page is None else page[block % PAGE]
         return None if c == UNSEEN else c
 
-    def observe(self, records: Iterable[Record]) -> list[Detection]:
+    def observe(self, records: Iterable[Observed]) -> list[Detection]:
         """Feed records in seq order (writes with inline data); returns new detections."""
         out = []
         for r in records:
             if isinstance(r, ZeroRecord):
                 self._zero(r.volume, r.offset, r.length)
-            elif isinstance(r, WriteRecord) and r.data is not None:
+            elif isinstance(r, (Write, WriteRecord)) and r.data is not None:
                 if r.volume in self.excluded:
                     continue
                 d = self._write(r)
@@ -273,7 +290,7 @@ class GroupDetector:
                     out.append(d)
         return out
 
-    def needs(self, records: Iterable[Record]) -> list[tuple[str, int, int, int]]:
+    def needs(self, records: Iterable[Observed]) -> list[tuple[str, int, int, int]]:
         """The ``prior`` reads that ``observe(records)`` will make, as ``(volume, offset,
         length, seq)``: a detector in its own process asks the daemon for all of them in one
         round trip. A guess that turns out wrong only costs ``observe`` a read of its own.
@@ -281,7 +298,7 @@ class GroupDetector:
         out: list[tuple[str, int, int, int]] = []
         known: dict[str, set[int]] = {}  # blocks an earlier record of the batch makes known
         for r in records:
-            if not isinstance(r, (WriteRecord, ZeroRecord)) or r.volume in self.excluded:
+            if not isinstance(r, (Write, WriteRecord, ZeroRecord)) or r.volume in self.excluded:
                 continue
             first, last = r.offset // BLOCK, (r.offset + r.length - 1) // BLOCK
             s = known.setdefault(r.volume, set())
@@ -290,6 +307,12 @@ class GroupDetector:
                     s.difference_update([b for b in s if first <= b <= last])
                 continue
             if r.data is None:
+                continue
+            if first == last:  # one block: the common case, without building a span
+                page = self.pages.get(r.volume, {}).get(first // PAGE)
+                if (page is None or page[first % PAGE] == UNSEEN) and first not in s:
+                    out.append((r.volume, first * BLOCK, BLOCK, r.seq - 1))
+                s.add(first)
                 continue
             old = self._get(r.volume, first, last - first + 1)
             unseen = [k for k, c in enumerate(old) if c == UNSEEN and first + k not in s]
@@ -387,7 +410,7 @@ class GroupDetector:
                     return bytes(n)
         return bytes(one(i) for i in range(n))
 
-    def _write(self, r: WriteRecord) -> Detection | None:
+    def _write(self, r: WriteRecord | Write) -> Detection | None:
         assert r.data is not None
         first, last = r.offset // BLOCK, (r.offset + r.length - 1) // BLOCK
         if first == last:
@@ -412,7 +435,7 @@ class GroupDetector:
             _Event(r.ts, r.seq, suspicious, overwrite, r.volume, incompressible, reverse)
         )
 
-    def _write_block(self, r: WriteRecord, b: int) -> Detection | None:
+    def _write_block(self, r: WriteRecord | Write, b: int) -> Detection | None:
         """A write within one block (4 KiB guests, metadata): the same rules, no tables."""
         assert r.data is not None
         pages = self.pages.setdefault(r.volume, {})
@@ -440,7 +463,7 @@ class GroupDetector:
         )  # fmt: skip
 
     @staticmethod
-    def _edges(r: WriteRecord, first: int, last: int) -> tuple[int, int]:
+    def _edges(r: WriteRecord | Write, first: int, last: int) -> tuple[int, int]:
         """Bytes the first and the last block miss of a whole block (unaligned writes)."""
         head = r.offset - first * BLOCK
         tail = (last + 1) * BLOCK - (r.offset + r.length)

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cdp.detector import Write
 from journal import Record, WriteRecord, ZeroRecord
 from journal.journal import WriteOp
 
@@ -163,7 +164,7 @@ class RingReader:
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
 
-    def take(self, max_bytes: int = 16 << 20) -> list[Record | Gap]:
+    def take(self, max_bytes: int = 16 << 20) -> list[Write | ZeroRecord | Gap]:
         """What the writer placed since the last take (about ``max_bytes`` at most): one
         copy out of the ring, then records that slice it."""
         r = self.ring
@@ -175,7 +176,7 @@ class RingReader:
         n = max(n, _REC.size + nl + (ln if kind == WRITE else 0))  # one record at least
         buf = r._get(tail, n)
         view = memoryview(buf)
-        out: list[Record | Gap] = []
+        out: list[Write | ZeroRecord | Gap] = []
         pos, size = 0, _REC.size
         while pos + size <= n:
             kind, seq, ts, off, ln, nl = _REC.unpack_from(buf, pos)
@@ -187,7 +188,7 @@ class RingReader:
             else:
                 vol = buf[pos + size : pos + size + nl].decode()
                 if kind == WRITE:
-                    out.append(WriteRecord(seq, ts, vol, off, ln, view[end - ln : end]))
+                    out.append(Write(seq, ts, vol, off, ln, view[end - ln : end]))
                 else:
                     out.append(ZeroRecord(seq, ts, vol, off, ln, kind == TRIM))
             pos = end

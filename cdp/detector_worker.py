@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from cdp.detector import DetectorConfig, GroupDetector
+from cdp.detector import DetectorConfig, GroupDetector, Observed
 from cdp.detector_feed import Gap, Ring, RingReader
 from journal import Record, WriteRecord, ZeroRecord
 
@@ -128,7 +128,7 @@ class Worker:
                 if ready:  # nothing is expected unasked: the daemon closed the channel
                     recv(self.inp)
                 continue
-            batch: list[Record] = []
+            batch: list[Observed] = []
             for it in items:
                 if isinstance(it, Gap):
                     self._score(batch)
@@ -142,14 +142,14 @@ class Worker:
         after = max(after, self.pos)
         while after < upto:
             ans = self._ask({"t": "back", "after": after, "upto": upto})
-            recs = [r for r in decode_records(ans["recs"]) if after < r.seq <= upto]
+            recs: list[Observed] = [r for r in decode_records(ans["recs"]) if after < r.seq <= upto]
             self._score(recs)
             last = int(ans["last"])
             if last <= after:  # nothing more there (folded, or not appended after all)
                 break
             after = self.pos = max(self.pos, min(last, upto))
 
-    def _score(self, recs: list[Record]) -> None:
+    def _score(self, recs: list[Observed]) -> None:
         if not recs:
             return
         spans = self.det.needs(recs)

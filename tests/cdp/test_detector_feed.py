@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 
-from cdp.detector import BLOCK, DetectorConfig, GroupDetector
+from cdp.detector import BLOCK, DetectorConfig, GroupDetector, Write
 from cdp.detector_feed import Gap, Ring, RingReader, RingWriter
 from journal import Record, Seq, WriteRecord, ZeroRecord
 
@@ -38,7 +38,7 @@ def test_records_come_out_as_they_went_in_across_the_wrap() -> None:
             sent.append(("w", seq, n, data))
         for it in r.take():
             assert not isinstance(it, Gap)  # one record at a time always fits
-            if isinstance(it, WriteRecord):
+            if isinstance(it, Write):
                 got.append(("w", it.seq, it.length, bytes(it.data or b"")))
             else:
                 assert isinstance(it, ZeroRecord) and it.trim and it.volume == "vol-é"
@@ -57,7 +57,7 @@ def test_a_full_ring_drops_and_says_which_seqs_to_read_back() -> None:
     assert [it.seq for it in r.take()] == [6, 7, 8]  # type: ignore[union-attr]
     w.tap([_w(12, 0, blk)], [(0, blk, BLOCK, False)])  # 10 and 11 were checkpoints, say
     out = r.take()
-    assert [type(x) for x in out] == [Gap, WriteRecord]
+    assert [type(x) for x in out] == [Gap, Write]
     assert out[0] == Gap(after=8, upto=11) and out[1].seq == 12  # type: ignore[union-attr]
     w.mark_gap()  # a reopened journal: what came before the new tap is read back
     w.flush_gap(upto=20)
@@ -72,7 +72,7 @@ def test_a_write_larger_than_a_take_comes_whole_and_excluded_volumes_never_enter
     recs: list[Record] = [_w(1, 0, big), _w(2, 0, big[:10], vol="swap")]
     w.tap(recs, _ops(recs, [big, big[:10]]))
     out = r.take(max_bytes=1 << 20)
-    assert len(out) == 1 and isinstance(out[0], WriteRecord) and bytes(out[0].data or b"") == big
+    assert len(out) == 1 and isinstance(out[0], Write) and bytes(out[0].data) == big
     assert r.take() == []
     ring.close()
 
