@@ -6,12 +6,13 @@ Writing incompressible data into empty or trimmed space (copying tarballs, JPEGs
 a disk) is ordinary, so is rewriting data that was already incompressible.
 
 How it is measured, cheaply: each written piece is sampled (its first ``SAMPLE`` bytes) and
-compressed with zstd level 1 (a few microseconds per sample, off the acknowledgement path:
-the detector tails the journal like a replica sender does). Each 4 KiB block of each volume
-keeps one byte: the compressibility class of what it last held (``EMPTY`` for never written, zero
-or trimmed; otherwise the sampled ratio). A chunk nobody has seen since the daemon started
-is looked up once in the journal (the bytes as of just before the write), so a restart
-never blinds the detector.
+compressed with zstd level 1 (a few microseconds per sample, off the acknowledgement path
+and off the daemon's GIL: the detector runs in its own process, cdp/detector_worker.py, fed
+by a ring the journal's tap fills, cdp/detector_feed.py). Each 4 KiB block of each volume
+keeps one byte: the compressibility class of what it last held (``EMPTY`` for never written,
+zero or trimmed; otherwise the sampled ratio). A block nobody has seen since the worker
+started is looked up once in the journal (the bytes as of just before the write), so a
+restart never blinds the detector.
 
 One byte-class per 4 KiB block (a file system's block): a small file shares a chunk with
 others, so a coarser map would see the second file's old content as the first one's new.
@@ -46,7 +47,6 @@ files which were deleted but never trimmed. Without ``discard`` in the guest (or
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -119,41 +119,6 @@ class Write:
 
 
 Observed = Record | Write
-
-
-@dataclass
-class Feed:
-    """Writes as capture appends them (``Journal.set_tap``), for the detector to take.
-
-    Bounded in bytes: a detector that falls behind drops what is queued and sets ``lost``;
-    it then reads that stretch back from the journal, so nothing goes unscored.
-    """
-
-    max_bytes: int = 256 << 20
-    lost: bool = False
-    _recs: deque[Record] = field(default_factory=deque)
-    _bytes: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def push(self, recs: list[Record]) -> None:
-        n = sum(r.length for r in recs if isinstance(r, WriteRecord))
-        with self._lock:
-            if self._bytes + n > self.max_bytes:
-                self._recs.clear()
-                self._bytes = 0
-                self.lost = True
-                return
-            self._recs.extend(recs)
-            self._bytes += n
-
-    def take(self) -> tuple[list[Record], bool]:
-        """What is queued, and whether some was dropped before it (read that back)."""
-        with self._lock:
-            out, lost = list(self._recs), self.lost
-            self._recs.clear()
-            self._bytes = 0
-            self.lost = False
-        return out, lost
 
 
 def ratio_class(sample: bytes | memoryview, cctx: zstandard.ZstdCompressor) -> int:

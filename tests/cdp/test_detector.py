@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 
-from cdp.detector import BLOCK, Detection, DetectorConfig, Feed, GroupDetector
+from cdp.detector import BLOCK, Detection, DetectorConfig, GroupDetector
 from journal import Record, WriteRecord, ZeroRecord
 
 SEC = 10**9
@@ -308,16 +308,3 @@ def test_a_mixed_copy_over_dead_text_does_not_alarm() -> None:
         for k in range(20)
     ]
     assert len(det.observe(mostly)) == 1
-
-
-def test_a_feed_that_overflows_drops_and_says_so() -> None:
-    f = Feed(max_bytes=10_000)
-    rec = [WriteRecord(1, 1, "v", 0, 4096, b"x" * 4096)]
-    f.push(rec)
-    f.push([WriteRecord(2, 1, "v", 0, 4096, b"x" * 4096)])
-    assert [r.seq for r in f.take()[0]] == [1, 2]
-    for s in range(3, 7):  # 16 KiB into a 10 KB feed: the third push overflows
-        f.push([WriteRecord(s, 1, "v", 0, 4096, b"x" * 4096)])
-    recs, lost = f.take()
-    assert lost and [r.seq for r in recs] == [6]
-    assert f.take() == ([], False)
