@@ -99,10 +99,14 @@ async def _one_worker(
     after = state.scored_seq if resume else int(j.window().last_seq)
     writer = RingWriter(ring, after, excluded)
     writer.mark_gap()  # whatever lands before the tap is set is read back
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cdp.detector_worker", str(ring.fd), str(capacity),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(ring.fd,),
-    )  # fmt: skip
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cdp.detector_worker", str(ring.fd), str(capacity),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(ring.fd,),
+        )  # fmt: skip
+    except BaseException:
+        ring.close()
+        raise
     assert proc.stdin is not None and proc.stdout is not None
     chan_in, chan_out = proc.stdout, proc.stdin
     tapped: Journal | None = None
