@@ -55,24 +55,25 @@ class DetectedGroup(Protocol):
     quarantines: list[Quarantine]
 
 
-async def run_detector(
-    g: DetectedGroup,
-    config: DetectorConfig,
-    excluded: frozenset[str],
-    chunk_size: int,
-    lock_ns: int,
-    clock: Callable[[], int],
-    stop: asyncio.Event,
-    capacity: int | None = None,
-) -> None:
+@dataclass(frozen=True, slots=True)
+class DetectorSetup:
+    """What a group's detector is started with."""
+
+    config: DetectorConfig
+    excluded: frozenset[str]  # volumes with ``detect = false``
+    chunk_size: int
+    lock_ns: int  # how long a pinned clean point stays locked
+    clock: Callable[[], int]
+    capacity: int | None = None  # of the ring; None: DEFAULT_CAPACITY
+
+
+async def run_detector(g: DetectedGroup, setup: DetectorSetup, stop: asyncio.Event) -> None:
     """Run the group's detector worker until ``stop``; start it again when it dies."""
-    capacity = capacity or DEFAULT_CAPACITY
     state = g.detector = DetectorState(scored_seq=int(g.journal.window().last_seq))
     first = True
     while not stop.is_set():
         try:
-            await _one_worker(g, state, config, excluded, chunk_size, lock_ns, clock, stop,
-                              capacity, resume=not first)  # fmt: skip
+            await _one_worker(g, state, setup, stop, resume=not first)
         except Exception as e:  # the detector never takes capture down
             log.error("detector failed; restarting it", extra={"group": g.name, "err": str(e)})
         first = False
@@ -83,21 +84,14 @@ async def run_detector(
 
 
 async def _one_worker(
-    g: DetectedGroup,
-    state: DetectorState,
-    config: DetectorConfig,
-    excluded: frozenset[str],
-    chunk_size: int,
-    lock_ns: int,
-    clock: Callable[[], int],
-    stop: asyncio.Event,
-    capacity: int,
+    g: DetectedGroup, state: DetectorState, setup: DetectorSetup, stop: asyncio.Event,
     resume: bool,
-) -> None:
+) -> None:  # fmt: skip
+    capacity = setup.capacity or DEFAULT_CAPACITY
     ring = Ring.create(capacity)
     j = g.journal
     after = state.scored_seq if resume else int(j.window().last_seq)
-    writer = RingWriter(ring, after, excluded)
+    writer = RingWriter(ring, after, setup.excluded)
     writer.mark_gap()  # whatever lands before the tap is set is read back
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -113,8 +107,9 @@ async def _one_worker(
     state.scored_seq = after
     server = _Server()
     try:
-        _send(chan_out, {"t": "hello", "after": after, "chunk_size": chunk_size,
-                         "excluded": sorted(excluded), "config": asdict(config)})  # fmt: skip
+        _send(chan_out, {"t": "hello", "after": after, "chunk_size": setup.chunk_size,
+                         "excluded": sorted(setup.excluded),
+                         "config": asdict(setup.config)})  # fmt: skip
         await chan_out.drain()
         j.set_tap(writer.tap)
         tapped = j
@@ -139,7 +134,7 @@ async def _one_worker(
                 if msg is None:
                     raise RuntimeError(f"detector worker exited (code {proc.returncode})")
                 reading = asyncio.ensure_future(_recv(chan_in))
-                reply = await _handle(g, state, tapped, server, msg, lock_ns, clock)
+                reply = await _handle(g, state, tapped, server, msg, setup)
                 if reply is not None:
                     _send(chan_out, reply)
                     await chan_out.drain()
@@ -173,8 +168,7 @@ async def _handle(
     j: Journal,
     server: _Server,
     msg: dict[str, Any],
-    lock_ns: int,
-    clock: Callable[[], int],
+    setup: DetectorSetup,
 ) -> dict[str, Any] | None:
     t = msg.get("t")
     if t == "prior":
@@ -189,8 +183,8 @@ async def _handle(
     if t == "det":
         fields = {k: v for k, v in msg.items() if k != "t"}
         d = Detection(**{**fields, "volumes": tuple(fields["volumes"])})
-        q = await asyncio.to_thread(pin_clean_point, j, g.name, d, now_ns=clock(),
-                                    lock_ns=lock_ns)  # fmt: skip
+        q = await asyncio.to_thread(pin_clean_point, j, g.name, d, now_ns=setup.clock(),
+                                    lock_ns=setup.lock_ns)  # fmt: skip
         g.quarantines.append(q)
         return None
     raise RuntimeError(f"detector worker sent an unknown message {t!r}")

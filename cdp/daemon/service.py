@@ -23,7 +23,7 @@ from pathlib import Path
 from cdp.capture.hashscan import HashScanner
 from cdp.capture.splitter import CleanMarker, onboard_export
 from cdp.config import Config, NbdSource, NbdTlsMode, ScanSource, VolumeConfig
-from cdp.daemon.detect import DetectorState, run_detector
+from cdp.daemon.detect import DetectorSetup, DetectorState, run_detector
 from cdp.daemon.quarantine import Quarantine
 from cdp.daemon.replication import make_senders, make_targets, replica_alerts
 from cdp.daemon.site import journal_doc
@@ -283,10 +283,11 @@ class Daemon:
         excluded = frozenset(v.name for v in g.volumes if not v.detect)
         if not ds.enabled or len(excluded) == len(g.volumes):
             return
-        await run_detector(
-            g, DetectorConfig.for_sensitivity(ds.sensitivity), excluded,
-            self.journal_options.chunk_size, ds.lock_ns, self.clock, stop,
+        setup = DetectorSetup(
+            DetectorConfig.for_sensitivity(ds.sensitivity), excluded,
+            self.journal_options.chunk_size, ds.lock_ns, self.clock,
         )  # fmt: skip
+        await run_detector(g, setup, stop)
 
     async def _sealer(self, g: Group, stop: asyncio.Event) -> None:
         """Move data of rolled segments into the block store, off the write path.
