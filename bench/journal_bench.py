@@ -94,12 +94,22 @@ class Cpu:
 
     def stop(self) -> dict[str, float]:
         c1, m1, el = os.times(), machine_busy(), now() - self.t0
-        mine = (c1.user + c1.system + c1.children_user + c1.children_system
-                - self.c0.user - self.c0.system - self.c0.children_user
-                - self.c0.children_system)
-        return {"cpu_total": mine / el, "cpu_user": (c1.user - self.c0.user) / el,
-                "cpu_sys": (c1.system - self.c0.system) / el,
-                "cpu_other": max(0.0, (m1[0] - self.m0[0]) - mine) / el}
+        mine = (
+            c1.user
+            + c1.system
+            + c1.children_user
+            + c1.children_system
+            - self.c0.user
+            - self.c0.system
+            - self.c0.children_user
+            - self.c0.children_system
+        )
+        return {
+            "cpu_total": mine / el,
+            "cpu_user": (c1.user - self.c0.user) / el,
+            "cpu_sys": (c1.system - self.c0.system) / el,
+            "cpu_other": max(0.0, (m1[0] - self.m0[0]) - mine) / el,
+        }
 
 
 def wait_quiet(max_wait: float, threshold: float = 0.3) -> float:
@@ -151,21 +161,29 @@ def disk_usage(j: Journal) -> dict[str, int]:
     st = j.status()
     idx = os.path.join(j.path, "index.sqlite")
     idx_disk = sum(os.path.getsize(idx + s) for s in ("", "-wal") if os.path.exists(idx + s))
-    return {"index_bytes": st.index_bytes, "index_disk_bytes": idx_disk,
-            "segment_bytes": st.segment_bytes, "pack_bytes": st.pack_bytes,
-            "segments": st.segments, "unsealed": st.unsealed_segments}
+    return {
+        "index_bytes": st.index_bytes,
+        "index_disk_bytes": idx_disk,
+        "segment_bytes": st.segment_bytes,
+        "pack_bytes": st.pack_bytes,
+        "segments": st.segments,
+        "unsealed": st.unsealed_segments,
+    }
 
 
-def footprint(usage: dict[str, int], written: int, payload: int | None = None,
-              rss_delta: int | None = None) -> dict[str, float]:
+def footprint(
+    usage: dict[str, int], written: int, payload: int | None = None, rss_delta: int | None = None
+) -> dict[str, float]:
     """Per GiB of guest data written. ``payload``: data bytes still inline in segments."""
     g = written / GiB
     seg_meta = usage["segment_bytes"] - (payload or 0)
-    out = {"gib_written": g,
-           "index_per_gib": usage["index_bytes"] / g,
-           "index_disk_per_gib": usage["index_disk_bytes"] / g,
-           "segment_meta_per_gib": seg_meta / g,
-           "pack_per_gib": usage["pack_bytes"] / g}
+    out = {
+        "gib_written": g,
+        "index_per_gib": usage["index_bytes"] / g,
+        "index_disk_per_gib": usage["index_disk_bytes"] / g,
+        "segment_meta_per_gib": seg_meta / g,
+        "pack_per_gib": usage["pack_bytes"] / g,
+    }
     if rss_delta is not None:
         out["rss_per_gib"] = rss_delta / g
     return out
@@ -175,10 +193,12 @@ def journal_version() -> str:
     """The last commit touching journal/, and whether the working tree differs from it: the
     journal is edited while benchmarks run, so every result names the code it measured."""
     try:
-        commit = run_cmd(["git", "-C", ROOT, "log", "-1", "--format=%h %cI", "--",
-                          "journal/"]).stdout.strip()
-        dirty = run_cmd(["git", "-C", ROOT, "status", "--porcelain", "--",
-                         "journal/"]).stdout.strip()
+        commit = run_cmd(
+            ["git", "-C", ROOT, "log", "-1", "--format=%h %cI", "--", "journal/"]
+        ).stdout.strip()
+        dirty = run_cmd(
+            ["git", "-C", ROOT, "status", "--porcelain", "--", "journal/"]
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return commit + (" + uncommitted changes" if dirty else "")
@@ -194,8 +214,9 @@ def drop_journal(path: str, keep: bool) -> None:
 
 
 # ---------------------------------------------------------------------------- 1. write
-def w1_ours(out: str, duration: float, interval: float, keep: bool,
-            batch: int = 1) -> dict[str, Any]:
+def w1_ours(
+    out: str, duration: float, interval: float, keep: bool, batch: int = 1
+) -> dict[str, Any]:
     """``batch`` 1: one ``write()`` per record; more: ``write_many()`` of that many records
     (one writev per call, as the NBD capture path batches requests)."""
     path = fresh_dir(os.path.join(out, "w1-journal"))
@@ -246,8 +267,9 @@ def w1_ours(out: str, duration: float, interval: float, keep: bool,
         else:
             assert write_many is not None
             for _ in range(256 // batch):
-                write_many("vda", [(off + k * 4096, bufs[k & 63], 4096, False)
-                                   for k in range(batch)])
+                write_many(
+                    "vda", [(off + k * 4096, bufs[k & 63], 4096, False) for k in range(batch)]
+                )
                 off += batch * 4096
         n += 256
         if now() >= end:
@@ -265,18 +287,26 @@ def w1_ours(out: str, duration: float, interval: float, keep: bool,
     payload = n * 4096
     j.close()
     drop_journal(path, keep)
-    return {"rate": n / el, "records": n, "seconds": el, "syncs": len(done_at),
-            "interval_p50_ms": pct(gaps, 50) * 1e3, "interval_p99_ms": pct(gaps, 99) * 1e3,
-            "interval_max_ms": max(gaps) * 1e3 if gaps else float("nan"),
-            "start_interval_p50_ms": pct(sgaps, 50) * 1e3,
-            "start_interval_p99_ms": pct(sgaps, 99) * 1e3,
-            "sync_p50_ms": pct(durs, 50) * 1e3, "sync_p99_ms": pct(durs, 99) * 1e3,
-            "records_per_sync": n / max(1, len(done_at)),
-            "appender_us_per_rec": appender_cpu / n * 1e6,
-            "sync_thread_cores": sync_cpu[0] / el,
-            "cpu_us_per_rec": cpu_use["cpu_total"] * el / n * 1e6,
-            "usage": usage, "footprint": footprint(usage, payload, payload, rss1 - rss0),
-            **cpu_use}
+    return {
+        "rate": n / el,
+        "records": n,
+        "seconds": el,
+        "syncs": len(done_at),
+        "interval_p50_ms": pct(gaps, 50) * 1e3,
+        "interval_p99_ms": pct(gaps, 99) * 1e3,
+        "interval_max_ms": max(gaps) * 1e3 if gaps else float("nan"),
+        "start_interval_p50_ms": pct(sgaps, 50) * 1e3,
+        "start_interval_p99_ms": pct(sgaps, 99) * 1e3,
+        "sync_p50_ms": pct(durs, 50) * 1e3,
+        "sync_p99_ms": pct(durs, 99) * 1e3,
+        "records_per_sync": n / max(1, len(done_at)),
+        "appender_us_per_rec": appender_cpu / n * 1e6,
+        "sync_thread_cores": sync_cpu[0] / el,
+        "cpu_us_per_rec": cpu_use["cpu_total"] * el / n * 1e6,
+        "usage": usage,
+        "footprint": footprint(usage, payload, payload, rss1 - rss0),
+        **cpu_use,
+    }
 
 
 def w1_python(out: str, duration: float, interval: float) -> dict[str, Any]:
@@ -320,28 +350,51 @@ def w1_python(out: str, duration: float, interval: float) -> dict[str, Any]:
     os.close(fd)
     os.remove(path)
     gaps = [b - a for a, b in itertools.pairwise(done_at)]
-    return {"rate": n / el, "records": n, "interval_p50_ms": pct(gaps, 50) * 1e3,
-            "interval_p99_ms": pct(gaps, 99) * 1e3, "sync_p50_ms": pct(durs, 50) * 1e3,
-            "sync_p99_ms": pct(durs, 99) * 1e3,
-            "appender_us_per_rec": appender_cpu / n * 1e6, **cpu.stop()}
+    return {
+        "rate": n / el,
+        "records": n,
+        "interval_p50_ms": pct(gaps, 50) * 1e3,
+        "interval_p99_ms": pct(gaps, 99) * 1e3,
+        "sync_p50_ms": pct(durs, 50) * 1e3,
+        "sync_p99_ms": pct(durs, 99) * 1e3,
+        "appender_us_per_rec": appender_cpu / n * 1e6,
+        **cpu.stop(),
+    }
 
 
 def _fio_write(out: str, duration: float, nsync: int) -> dict[str, Any]:
     path = os.path.join(out, "w1-fio.dat")
     cpu = Cpu()
-    r = run_cmd(["fio", "--name=w1", f"--filename={path}", "--ioengine=psync", "--rw=write",
-                 "--bs=4k", f"--fdatasync={nsync}", "--size=16G", "--fallocate=none",
-                 "--time_based", f"--runtime={duration}", "--unlink=1",
-                 "--output-format=json"])
-    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
+    r = run_cmd(
+        [
+            "fio",
+            "--name=w1",
+            f"--filename={path}",
+            "--ioengine=psync",
+            "--rw=write",
+            "--bs=4k",
+            f"--fdatasync={nsync}",
+            "--size=16G",
+            "--fallocate=none",
+            "--time_based",
+            f"--runtime={duration}",
+            "--unlink=1",
+            "--output-format=json",
+        ]
+    )
+    job = json.loads(r.stdout[r.stdout.index("{") :])["jobs"][0]
     ios = job["write"]["total_ios"]
     secs = job["write"]["runtime"] / 1e3
     syncs = job["sync"]["lat_ns"]["N"]
-    return {"rate": ios / secs, "records": ios, "nsync": nsync,
-            "interval_p50_ms": secs / max(1, syncs) * 1e3,
-            "sync_p50_ms": job["sync"]["lat_ns"].get("percentile", {}).get("50.000000", 0) / 1e6,
-            "appender_us_per_rec": (job["usr_cpu"] + job["sys_cpu"]) / 100 * secs / ios * 1e6,
-            **cpu.stop()}
+    return {
+        "rate": ios / secs,
+        "records": ios,
+        "nsync": nsync,
+        "interval_p50_ms": secs / max(1, syncs) * 1e3,
+        "sync_p50_ms": job["sync"]["lat_ns"].get("percentile", {}).get("50.000000", 0) / 1e6,
+        "appender_us_per_rec": (job["usr_cpu"] + job["sys_cpu"]) / 100 * secs / ios * 1e6,
+        **cpu.stop(),
+    }
 
 
 def w1_fio(out: str, duration: float, interval: float, state: dict[str, int]) -> dict[str, Any]:
@@ -365,10 +418,25 @@ def ext4_image(out: str, source: str) -> str:
     data = int(run_cmd(["du", "-sb", source]).stdout.split()[0])
     size_mib = int(data * 1.35 / MiB) // 64 * 64 + 64  # room for ext4 metadata + ~15% free
     tmp = img + ".tmp"
-    print(f"  building {img}: mke2fs -t ext4 -N {int(files * 1.2)} -d {source} ({size_mib} MiB)",
-          flush=True)
-    run_cmd(["mke2fs", "-q", "-F", "-t", "ext4", "-N", str(int(files * 1.2)), "-d", source,
-             tmp, f"{size_mib}M"])
+    print(
+        f"  building {img}: mke2fs -t ext4 -N {int(files * 1.2)} -d {source} ({size_mib} MiB)",
+        flush=True,
+    )
+    run_cmd(
+        [
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-N",
+            str(int(files * 1.2)),
+            "-d",
+            source,
+            tmp,
+            f"{size_mib}M",
+        ]
+    )
     os.replace(tmp, img)
     return img
 
@@ -411,8 +479,14 @@ class Ext4Feed:
         return off, self.view[off : off + MiB]
 
 
-def w2_ours(out: str, feed: Ext4Feed, duration: float, max_lag: int, keep: bool,
-            zstd_level: int | None = None) -> dict[str, Any]:
+def w2_ours(
+    out: str,
+    feed: Ext4Feed,
+    duration: float,
+    max_lag: int,
+    keep: bool,
+    zstd_level: int | None = None,
+) -> dict[str, Any]:
     path = fresh_dir(os.path.join(out, "w2-journal"))
     opts = JournalOptions() if zstd_level is None else JournalOptions(zstd_level=zstd_level)
     j = Journal.open(path, options=opts)
@@ -467,13 +541,23 @@ def w2_ours(out: str, feed: Ext4Feed, duration: float, max_lag: int, keep: bool,
     j.close()
     drop_journal(path, keep)
     written = n * MiB
-    return {"mbps": written / el / MB, "append_mbps": written / t_append / MB,
-            "records": n, "seconds": el, "drain_s": el - t_append, "backpressure_s": waited,
-            "seal_busy_s": seal_busy[0], "segments_sealed": sealed[0],
-            "ratio": written / max(1, usage["pack_bytes"]), "blocks": stats.blocks,
-            "chunks_written": n * 16, "usage": usage, "footprint": footprint(usage, written),
-            "cpu_s_per_gb": cpu_use["cpu_total"] * el / (written / 1e9),
-            **cpu_use}
+    return {
+        "mbps": written / el / MB,
+        "append_mbps": written / t_append / MB,
+        "records": n,
+        "seconds": el,
+        "drain_s": el - t_append,
+        "backpressure_s": waited,
+        "seal_busy_s": seal_busy[0],
+        "segments_sealed": sealed[0],
+        "ratio": written / max(1, usage["pack_bytes"]),
+        "blocks": stats.blocks,
+        "chunks_written": n * 16,
+        "usage": usage,
+        "footprint": footprint(usage, written),
+        "cpu_s_per_gb": cpu_use["cpu_total"] * el / (written / 1e9),
+        **cpu_use,
+    }
 
 
 def w2_peer(img: str, state: dict[str, float]) -> dict[str, Any]:
@@ -486,16 +570,18 @@ def w2_peer(img: str, state: dict[str, float]) -> dict[str, Any]:
         z = subprocess.run(["zstd", "-1", "-q", "-c", img], check=True, capture_output=True)
         state["zstd_ratio"] = size / len(z.stdout)
     res: dict[str, Any] = {"zstd_ratio": state["zstd_ratio"]}
-    hasher = ["openssl", "dgst", "-sha256", img] if shutil.which("openssl") else [
-        "sha256sum", img]
-    for label, cmds in (("zstd1+sha256", [["zstd", "-1", "-q", "-c", img], hasher]),
-                        ("zstd1", [["zstd", "-1", "-q", "-c", img]]),
-                        ("zstd1-T2", [["zstd", "-1", "-T2", "-q", "-c", img]]),
-                        ("sha256sum", [["sha256sum", img]])):
+    hasher = ["openssl", "dgst", "-sha256", img] if shutil.which("openssl") else ["sha256sum", img]
+    for label, cmds in (
+        ("zstd1+sha256", [["zstd", "-1", "-q", "-c", img], hasher]),
+        ("zstd1", [["zstd", "-1", "-q", "-c", img]]),
+        ("zstd1-T2", [["zstd", "-1", "-T2", "-q", "-c", img]]),
+        ("sha256sum", [["sha256sum", img]]),
+    ):
         cpu = Cpu()
         t = now()
-        procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for c in cmds]
+        procs = [
+            subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in cmds
+        ]
         for p in procs:
             if p.wait():
                 raise RuntimeError(f"{p.args!r} failed")
@@ -508,8 +594,9 @@ def w2_peer(img: str, state: dict[str, float]) -> dict[str, Any]:
     return res
 
 
-def w2_ceiling(feed: Ext4Feed, seconds: float = 3.0,
-               zstd_level: int | None = None) -> dict[str, float]:
+def w2_ceiling(
+    feed: Ext4Feed, seconds: float = 3.0, zstd_level: int | None = None
+) -> dict[str, float]:
     """The journal's own block hash (``journal.blockstore.block_id``) and zstandard at the
     journal's level on 64 KiB chunks, one then two threads, no I/O, no framing, no probes:
     the compute ceiling of the seal stage on this data."""
@@ -521,6 +608,7 @@ def w2_ceiling(feed: Ext4Feed, seconds: float = 3.0,
     try:
         from journal.blockstore import block_id as hash_fn
     except ImportError:  # older journal: SHA-256
+
         def hash_fn(data: bytes | memoryview) -> bytes:
             return hashlib.sha256(data).digest()
 
@@ -597,13 +685,20 @@ class ReadSetup:
                 pass
         z4 = bytes(4096)
         covered = sum(1 for o in range(0, vol, 4096) if model[o : o + 4096] != z4) * 4096 / vol
-        return {"write_rate": self.writes / t_write, "seal_seconds": t_seal,
-                "seal_rate": self.writes / t_seal, "seal_mbps": self.writes * 4096 / t_seal / MB,
-                "covered": covered, "usage": usage, "seal_cpu": seal_cpu,
-                "footprint": footprint(usage, self.writes * 4096, None, rss1 - rss0)}
+        return {
+            "write_rate": self.writes / t_write,
+            "seal_seconds": t_seal,
+            "seal_rate": self.writes / t_seal,
+            "seal_mbps": self.writes * 4096 / t_seal / MB,
+            "covered": covered,
+            "usage": usage,
+            "seal_cpu": seal_cpu,
+            "footprint": footprint(usage, self.writes * 4096, None, rss1 - rss0),
+        }
 
-    def _w3_setup_writes(self, rng: random.Random, model: bytearray, blocks: int,
-                         count: int) -> None:
+    def _w3_setup_writes(
+        self, rng: random.Random, model: bytearray, blocks: int, count: int
+    ) -> None:
         j = self.j
         for k in range(count):
             off = rng.randrange(blocks) * 4096
@@ -644,8 +739,12 @@ class ReadSetup:
         cpu_use = cpu.stop()
         if bad:
             raise AssertionError(f"{bad} MiB reads differ from the model at seq {at}")
-        return {"mbps": self.vol / busy / MB, "seconds": busy,
-                "cpu_s_per_gb": tbusy / (self.vol / 1e9), **cpu_use}
+        return {
+            "mbps": self.vol / busy / MB,
+            "seconds": busy,
+            "cpu_s_per_gb": tbusy / (self.vol / 1e9),
+            **cpu_use,
+        }
 
     def close(self) -> None:
         self.j.close()
@@ -666,8 +765,18 @@ def w3_peers(raw: str) -> dict[str, float]:
     out["cpu_s_per_gb"] = out["cpu_total"] * el / (size / 1e9)
     if shutil.which("qemu-img"):
         t = now()
-        run_cmd(["qemu-img", "convert", "-n", "-f", "raw", raw, "--target-image-opts",
-                 f"driver=null-co,size={size}"])
+        run_cmd(
+            [
+                "qemu-img",
+                "convert",
+                "-n",
+                "-f",
+                "raw",
+                raw,
+                "--target-image-opts",
+                f"driver=null-co,size={size}",
+            ]
+        )
         out["qemu-img"] = size / (now() - t) / MB
     buf = bytearray(MiB)
     fd = os.open(raw, os.O_RDONLY)
@@ -696,13 +805,19 @@ def bench_write(a: argparse.Namespace, res: dict[str, Any]) -> None:
         if a.batch > 1:
             wait_quiet(a.quiet_wait)
             batched.append(w1_ours(a.out, dur, a.sync_interval, a.keep, a.batch))
-            print(f"  write run {i + 1}: ours write_many({a.batch}) "
-                  f"{batched[-1]['rate']:,.0f} rec/s, sync every "
-                  f"{batched[-1]['interval_p50_ms']:.2f} ms", flush=True)
-        print(f"  write run {i + 1}: ours {ours[-1]['rate']:,.0f} rec/s, sync every "
-              f"{ours[-1]['interval_p50_ms']:.2f} ms (p99 {ours[-1]['interval_p99_ms']:.2f}); "
-              f"CPU {ours[-1]['cpu_user']:.2f} user + {ours[-1]['cpu_sys']:.2f} sys cores, "
-              f"others {ours[-1]['cpu_other']:.2f}", flush=True)
+            print(
+                f"  write run {i + 1}: ours write_many({a.batch}) "
+                f"{batched[-1]['rate']:,.0f} rec/s, sync every "
+                f"{batched[-1]['interval_p50_ms']:.2f} ms",
+                flush=True,
+            )
+        print(
+            f"  write run {i + 1}: ours {ours[-1]['rate']:,.0f} rec/s, sync every "
+            f"{ours[-1]['interval_p50_ms']:.2f} ms (p99 {ours[-1]['interval_p99_ms']:.2f}); "
+            f"CPU {ours[-1]['cpu_user']:.2f} user + {ours[-1]['cpu_sys']:.2f} sys cores, "
+            f"others {ours[-1]['cpu_other']:.2f}",
+            flush=True,
+        )
         if a.no_peer:
             continue
         wait_quiet(a.quiet_wait)
@@ -710,43 +825,73 @@ def bench_write(a: argparse.Namespace, res: dict[str, Any]) -> None:
         if shutil.which("fio"):
             wait_quiet(a.quiet_wait)
             fio.append(w1_fio(a.out, dur, a.sync_interval, state))
-        print(f"  write run {i + 1}: python {py[-1]['rate']:,.0f} rec/s"
-              + (f", fio {fio[-1]['rate']:,.0f} rec/s (fdatasync={fio[-1]['nsync']}, every "
-                 f"{fio[-1]['interval_p50_ms']:.2f} ms)" if fio else ""), flush=True)
-    res["write"] = {"ours": ours, "batched": batched, "batch": a.batch, "python": py, "fio": fio,
-                    "seconds_per_run": dur, "median": median_of(ours, "rate"),
-                    "median_batched": median_of(batched, "rate") if batched else None,
-                    "peer_python": median_of(py, "rate") if py else None,
-                    "peer_fio": median_of(fio, "rate") if fio else None}
+        print(
+            f"  write run {i + 1}: python {py[-1]['rate']:,.0f} rec/s"
+            + (
+                f", fio {fio[-1]['rate']:,.0f} rec/s (fdatasync={fio[-1]['nsync']}, every "
+                f"{fio[-1]['interval_p50_ms']:.2f} ms)"
+                if fio
+                else ""
+            ),
+            flush=True,
+        )
+    res["write"] = {
+        "ours": ours,
+        "batched": batched,
+        "batch": a.batch,
+        "python": py,
+        "fio": fio,
+        "seconds_per_run": dur,
+        "median": median_of(ours, "rate"),
+        "median_batched": median_of(batched, "rate") if batched else None,
+        "peer_python": median_of(py, "rate") if py else None,
+        "peer_fio": median_of(fio, "rate") if fio else None,
+    }
 
 
 def bench_pipeline(a: argparse.Namespace, res: dict[str, Any]) -> None:
     dur = 5.0 if a.quick else 30.0
     img = ext4_image(os.path.join(ROOT, "bench", "tmp"), a.ext4_source)
     feed = Ext4Feed(img)
-    print(f"  ext4 image {img}: {feed.size / MiB:.0f} MiB, "
-          f"{feed.zero_fraction():.1%} all-zero 64 KiB chunks", flush=True)
+    print(
+        f"  ext4 image {img}: {feed.size / MiB:.0f} MiB, "
+        f"{feed.zero_fraction():.1%} all-zero 64 KiB chunks",
+        flush=True,
+    )
     ours, peer = [], []
     state: dict[str, float] = {}
     for i in range(a.runs):
         wait_quiet(a.quiet_wait)
         ours.append(w2_ours(a.out, feed, dur, a.max_lag, a.keep, a.zstd_level))
         o = ours[-1]
-        print(f"  pipeline run {i + 1}: ours {o['mbps']:.0f} MB/s end-to-end (append "
-              f"{o['append_mbps']:.0f} MB/s, drain {o['drain_s']:.1f} s, backpressure "
-              f"{o['backpressure_s']:.1f} s, ratio {o['ratio']:.2f}); CPU {o['cpu_user']:.2f} "
-              f"user + {o['cpu_sys']:.2f} sys cores, others {o['cpu_other']:.2f}", flush=True)
+        print(
+            f"  pipeline run {i + 1}: ours {o['mbps']:.0f} MB/s end-to-end (append "
+            f"{o['append_mbps']:.0f} MB/s, drain {o['drain_s']:.1f} s, backpressure "
+            f"{o['backpressure_s']:.1f} s, ratio {o['ratio']:.2f}); CPU {o['cpu_user']:.2f} "
+            f"user + {o['cpu_sys']:.2f} sys cores, others {o['cpu_other']:.2f}",
+            flush=True,
+        )
         if not a.no_peer:
             wait_quiet(a.quiet_wait)
             peer.append(w2_peer(img, state))
-            print(f"  pipeline run {i + 1}: peer zstd -1 + sha256 {peer[-1]['mbps']:.0f} MB/s "
-                  f"(zstd alone {peer[-1]['zstd1']:.0f}, zstd -T2 {peer[-1]['zstd1-T2']:.0f}, "
-                  f"sha256sum {peer[-1]['sha256sum']:.0f})", flush=True)
+            print(
+                f"  pipeline run {i + 1}: peer zstd -1 + sha256 {peer[-1]['mbps']:.0f} MB/s "
+                f"(zstd alone {peer[-1]['zstd1']:.0f}, zstd -T2 {peer[-1]['zstd1-T2']:.0f}, "
+                f"sha256sum {peer[-1]['sha256sum']:.0f})",
+                flush=True,
+            )
     ceiling = w2_ceiling(feed, zstd_level=a.zstd_level) if not a.no_peer else {}
-    res["pipeline"] = {"ours": ours, "peer": peer, "ceiling": ceiling, "image": img,
-                       "image_bytes": feed.size, "zero_fraction": feed.zero_fraction(),
-                       "seconds_per_run": dur, "median": median_of(ours, "mbps"),
-                       "peer_median": median_of(peer, "mbps") if peer else None}
+    res["pipeline"] = {
+        "ours": ours,
+        "peer": peer,
+        "ceiling": ceiling,
+        "image": img,
+        "image_bytes": feed.size,
+        "zero_fraction": feed.zero_fraction(),
+        "seconds_per_run": dur,
+        "median": median_of(ours, "mbps"),
+        "peer_median": median_of(peer, "mbps") if peer else None,
+    }
     del feed
 
 
@@ -755,53 +900,84 @@ def bench_read(a: argparse.Namespace, res: dict[str, Any]) -> None:
     writes = vol // 4096
     setup = ReadSetup(a.out, vol, writes, a.keep)
     try:
-        print(f"  read: building a {vol // MiB} MiB volume from {writes:,} random 4 KiB "
-              "writes, then sealing", flush=True)
+        print(
+            f"  read: building a {vol // MiB} MiB volume from {writes:,} random 4 KiB "
+            "writes, then sealing",
+            flush=True,
+        )
         info = setup.build()
-        print(f"  read setup: writes {info['write_rate']:,.0f} rec/s, seal "
-              f"{info['seal_rate']:,.0f} rec/s ({info['seal_seconds']:.1f} s)", flush=True)
+        print(
+            f"  read setup: writes {info['write_rate']:,.0f} rec/s, seal "
+            f"{info['seal_rate']:,.0f} rec/s ({info['seal_seconds']:.1f} s)",
+            flush=True,
+        )
         latest, mid, peers = [], [], []
         for i in range(a.runs):
             wait_quiet(a.quiet_wait)
             latest.append(setup.read_pass(setup.latest_seq, setup.model))
             mid.append(setup.read_pass(setup.mid_seq, setup.mid_model))
-            msg = (f"  read run {i + 1}: latest {latest[-1]['mbps']:.0f} MB/s, mid "
-                   f"{mid[-1]['mbps']:.0f} MB/s (CPU {latest[-1]['cpu_user']:.2f} user + "
-                   f"{latest[-1]['cpu_sys']:.2f} sys, others {latest[-1]['cpu_other']:.2f})")
+            msg = (
+                f"  read run {i + 1}: latest {latest[-1]['mbps']:.0f} MB/s, mid "
+                f"{mid[-1]['mbps']:.0f} MB/s (CPU {latest[-1]['cpu_user']:.2f} user + "
+                f"{latest[-1]['cpu_sys']:.2f} sys, others {latest[-1]['cpu_other']:.2f})"
+            )
             if not a.no_peer:
                 wait_quiet(a.quiet_wait)
                 peers.append(w3_peers(setup.raw))
-                msg += (f"; dd {peers[-1]['dd']:.0f}, qemu-img {peers[-1].get('qemu-img', 0):.0f}"
-                        f", python pread {peers[-1]['python-pread']:.0f} MB/s")
+                msg += (
+                    f"; dd {peers[-1]['dd']:.0f}, qemu-img {peers[-1].get('qemu-img', 0):.0f}"
+                    f", python pread {peers[-1]['python-pread']:.0f} MB/s"
+                )
             print(msg, flush=True)
-        res["read"] = {"setup": info, "latest": latest, "mid": mid, "peers": peers,
-                       "volume_bytes": vol, "writes": writes,
-                       "latest_seq": setup.latest_seq, "mid_seq": setup.mid_seq,
-                       "median": median_of(latest, "mbps"), "median_mid": median_of(mid, "mbps"),
-                       "peer_median": median_of(peers, "mbps") if peers else None,
-                       "peer_qemu_median": (statistics.median(p["qemu-img"] for p in peers)
-                                            if peers and "qemu-img" in peers[0] else None)}
+        res["read"] = {
+            "setup": info,
+            "latest": latest,
+            "mid": mid,
+            "peers": peers,
+            "volume_bytes": vol,
+            "writes": writes,
+            "latest_seq": setup.latest_seq,
+            "mid_seq": setup.mid_seq,
+            "median": median_of(latest, "mbps"),
+            "median_mid": median_of(mid, "mbps"),
+            "peer_median": median_of(peers, "mbps") if peers else None,
+            "peer_qemu_median": (
+                statistics.median(p["qemu-img"] for p in peers)
+                if peers and "qemu-img" in peers[0]
+                else None
+            ),
+        }
     finally:
         setup.close()
 
 
 WORKLOADS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], None]] = {
-    "write": bench_write, "pipeline": bench_pipeline, "read": bench_read}
+    "write": bench_write,
+    "pipeline": bench_pipeline,
+    "read": bench_read,
+}
 
 
 # ---------------------------------------------------------------------------- profiling
-PHASES = [("rmtree", "bench cleanup (not timed)"), ("Ext4Feed", "setup (not timed)"),
-          ("ext4_image", "setup (not timed)"),
-          ("_sync_loop", "sync thread"), ("_seal_loop", "sealer thread"),
-          ("_w3_setup_writes", "setup: 4 KiB writes"), ("_w3_seal", "setup: seal_pending"),
-          ("_w3_read_pass", "point-in-time read"), ("w1_ours", "appender (main)"),
-          ("w2_ours", "appender (main)")]
+PHASES = [
+    ("rmtree", "bench cleanup (not timed)"),
+    ("Ext4Feed", "setup (not timed)"),
+    ("ext4_image", "setup (not timed)"),
+    ("_sync_loop", "sync thread"),
+    ("_seal_loop", "sealer thread"),
+    ("_w3_setup_writes", "setup: 4 KiB writes"),
+    ("_w3_seal", "setup: seal_pending"),
+    ("_w3_read_pass", "point-in-time read"),
+    ("w1_ours", "appender (main)"),
+    ("w2_ours", "appender (main)"),
+]
 
 
 def summarize_profile(raw_path: str, top: int = 12, rate: int = 250) -> str:
     """Top self and inclusive frames per thread/phase from py-spy's collapsed stacks."""
     per: dict[str, dict[str, Counter[str]]] = defaultdict(
-        lambda: {"self": Counter(), "incl": Counter(), "n": Counter()})
+        lambda: {"self": Counter(), "incl": Counter(), "n": Counter()}
+    )
     with open(raw_path) as f:
         for line in f:
             stack, _, cnt = line.rstrip("\n").rpartition(" ")
@@ -818,8 +994,11 @@ def summarize_profile(raw_path: str, top: int = 12, rate: int = 250) -> str:
                     phase = label
                     break
             if phase is None:
-                phase = ("block store pool" if thread.startswith("blockstore")
-                         else f"other ({thread or 'main'})")
+                phase = (
+                    "block store pool"
+                    if thread.startswith("blockstore")
+                    else f"other ({thread or 'main'})"
+                )
             d = per[phase]
             d["n"]["all"] += n
             d["self"][_short(frames[-1])] += n
@@ -835,8 +1014,9 @@ def summarize_profile(raw_path: str, top: int = 12, rate: int = 250) -> str:
         n = d["n"]["all"]
         if n < total * 0.02:
             continue
-        lines.append(f"\n[{phase}] {n} samples ({n / total:.0%} of all samples, "
-                     f"{n / rate:.1f} s on CPU)")
+        lines.append(
+            f"\n[{phase}] {n} samples ({n / total:.0%} of all samples, {n / rate:.1f} s on CPU)"
+        )
         lines.append("  self (leaf frame, incl. the C call made on that line):")
         for fr, c in d["self"].most_common(top):
             lines.append(f"    {c / n:6.1%}  {fr}")
@@ -865,10 +1045,32 @@ def profile_all(a: argparse.Namespace, names: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in names:
         raw = os.path.join(a.out, f"profile-{name}.raw")
-        cmd = [spy, "record", "--threads", "--nonblocking", "-r", "250", "--format", "raw",
-               "-o", raw, "--", sys.executable, os.path.abspath(__file__), "--only", name,
-               "--runs", "1", "--no-peer", "--out", os.path.join(a.out, "profile-run"),
-               "--sync-interval", str(a.sync_interval), "--batch", "1"]
+        cmd = [
+            spy,
+            "record",
+            "--threads",
+            "--nonblocking",
+            "-r",
+            "250",
+            "--format",
+            "raw",
+            "-o",
+            raw,
+            "--",
+            sys.executable,
+            os.path.abspath(__file__),
+            "--only",
+            name,
+            "--runs",
+            "1",
+            "--no-peer",
+            "--out",
+            os.path.join(a.out, "profile-run"),
+            "--sync-interval",
+            str(a.sync_interval),
+            "--batch",
+            "1",
+        ]
         if a.quick:
             cmd.append("--quick")
         print(f"  profiling {name} under py-spy ...", flush=True)
@@ -888,94 +1090,175 @@ def table(res: dict[str, Any]) -> str:
     if "write" in res:
         w = res["write"]
         o = w["ours"]
-        fio = (f"fio {w['peer_fio']:,.0f} (N={w['fio'][0]['nsync']})" if w["fio"] else "")
+        fio = f"fio {w['peer_fio']:,.0f} (N={w['fio'][0]['nsync']})" if w["fio"] else ""
         py = f"py {w['peer_python']:,.0f}" if w["python"] else ""
         cost = f"appender {median_of(o, 'appender_us_per_rec'):.1f} us/rec"
         if w["python"]:
             cost += f" / py {median_of(w['python'], 'appender_us_per_rec'):.1f}"
         if w["fio"]:
             cost += f", fio {median_of(w['fio'], 'appender_us_per_rec'):.1f}"
-        rows.append(("4 KiB write records/s, fdatasync every <= 5 ms", f"{w['median']:,.0f}",
-                     " / ".join(x for x in (fio, py) if x) or "-", "50,000",
-                     _verdict(w["median"], FLOORS["write"], median_of(o, "interval_p50_ms")),
-                     cost))
-        rows.append(("  achieved fdatasync interval p50 / p99 (ms)",
-                     f"{median_of(o, 'interval_p50_ms'):.2f} / "
-                     f"{median_of(o, 'interval_p99_ms'):.2f}",
-                     (f"py {median_of(w['python'], 'interval_p50_ms'):.2f} / "
-                      f"{median_of(w['python'], 'interval_p99_ms'):.2f}, fio mean "
-                      f"{median_of(w['fio'], 'interval_p50_ms'):.2f}") if w["fio"] else "-",
-                     "5", "", f"sync() call p50 {median_of(o, 'sync_p50_ms'):.1f} ms, p99 "
-                     f"{median_of(o, 'sync_p99_ms'):.1f} ms"
-                     + (f" / py fdatasync p99 {median_of(w['python'], 'sync_p99_ms'):.1f} ms"
-                        if w["python"] else "")))
+        rows.append(
+            (
+                "4 KiB write records/s, fdatasync every <= 5 ms",
+                f"{w['median']:,.0f}",
+                " / ".join(x for x in (fio, py) if x) or "-",
+                "50,000",
+                _verdict(w["median"], FLOORS["write"], median_of(o, "interval_p50_ms")),
+                cost,
+            )
+        )
+        rows.append(
+            (
+                "  achieved fdatasync interval p50 / p99 (ms)",
+                f"{median_of(o, 'interval_p50_ms'):.2f} / {median_of(o, 'interval_p99_ms'):.2f}",
+                (
+                    f"py {median_of(w['python'], 'interval_p50_ms'):.2f} / "
+                    f"{median_of(w['python'], 'interval_p99_ms'):.2f}, fio mean "
+                    f"{median_of(w['fio'], 'interval_p50_ms'):.2f}"
+                )
+                if w["fio"]
+                else "-",
+                "5",
+                "",
+                f"sync() call p50 {median_of(o, 'sync_p50_ms'):.1f} ms, p99 "
+                f"{median_of(o, 'sync_p99_ms'):.1f} ms"
+                + (
+                    f" / py fdatasync p99 {median_of(w['python'], 'sync_p99_ms'):.1f} ms"
+                    if w["python"]
+                    else ""
+                ),
+            )
+        )
         if w["median_batched"]:
             b = w["batched"]
             ip50 = median_of(b, "interval_p50_ms")
-            rows.append((f"  same, write_many() of {w['batch']} records per call",
-                         f"{w['median_batched']:,.0f}", "", "50,000",
-                         _verdict(w["median_batched"], FLOORS["write"], ip50),
-                         f"appender {median_of(b, 'appender_us_per_rec'):.1f} us/rec"))
-            rows.append(("    its fdatasync interval p50 / p99 (ms)",
-                         f"{ip50:.2f} / {median_of(b, 'interval_p99_ms'):.2f}", "", "5", "",
-                         f"sync() call p50 {median_of(b, 'sync_p50_ms'):.1f} ms, p99 "
-                         f"{median_of(b, 'sync_p99_ms'):.1f} ms"))
+            rows.append(
+                (
+                    f"  same, write_many() of {w['batch']} records per call",
+                    f"{w['median_batched']:,.0f}",
+                    "",
+                    "50,000",
+                    _verdict(w["median_batched"], FLOORS["write"], ip50),
+                    f"appender {median_of(b, 'appender_us_per_rec'):.1f} us/rec",
+                )
+            )
+            rows.append(
+                (
+                    "    its fdatasync interval p50 / p99 (ms)",
+                    f"{ip50:.2f} / {median_of(b, 'interval_p99_ms'):.2f}",
+                    "",
+                    "5",
+                    "",
+                    f"sync() call p50 {median_of(b, 'sync_p50_ms'):.1f} ms, p99 "
+                    f"{median_of(b, 'sync_p99_ms'):.1f} ms",
+                )
+            )
     if "pipeline" in res:
         p = res["pipeline"]
         peer = p["peer"]
-        rows.append((f"1 MiB ext4 records, inline append + seal, {p['seconds_per_run']:.0f} s "
-                     "(MB/s)", f"{p['median']:,.0f}",
-                     f"zstd -1 & sha256 {p['peer_median']:,.0f}" if peer else "-", "600",
-                     _verdict(p["median"], FLOORS["pipeline"]),
-                     f"{median_of(p['ours'], 'cpu_s_per_gb'):.2f} CPU-s/GB"
-                     + (f" / {median_of(peer, 'cpu_s_per_gb'):.2f}" if peer else "")))
-        rows.append(("  compression ratio (raw / pack bytes)",
-                     f"{median_of(p['ours'], 'ratio'):.2f}",
-                     f"zstd -1 whole file {peer[0]['zstd_ratio']:.2f}" if peer else "-", "",
-                     "", ""))
+        rows.append(
+            (
+                f"1 MiB ext4 records, inline append + seal, {p['seconds_per_run']:.0f} s (MB/s)",
+                f"{p['median']:,.0f}",
+                f"zstd -1 & sha256 {p['peer_median']:,.0f}" if peer else "-",
+                "600",
+                _verdict(p["median"], FLOORS["pipeline"]),
+                f"{median_of(p['ours'], 'cpu_s_per_gb'):.2f} CPU-s/GB"
+                + (f" / {median_of(peer, 'cpu_s_per_gb'):.2f}" if peer else ""),
+            )
+        )
+        rows.append(
+            (
+                "  compression ratio (raw / pack bytes)",
+                f"{median_of(p['ours'], 'ratio'):.2f}",
+                f"zstd -1 whole file {peer[0]['zstd_ratio']:.2f}" if peer else "-",
+                "",
+                "",
+                "",
+            )
+        )
         if p["ceiling"]:
             c = p["ceiling"]
-            rows.append(("  ceiling: block_id + zstd on 64 KiB, no I/O, 1 / 2 threads",
-                         f"{c['threads1']:,.0f} / {c['threads2']:,.0f}", "", "", "", ""))
+            rows.append(
+                (
+                    "  ceiling: block_id + zstd on 64 KiB, no I/O, 1 / 2 threads",
+                    f"{c['threads1']:,.0f} / {c['threads2']:,.0f}",
+                    "",
+                    "",
+                    "",
+                    "",
+                )
+            )
     if "read" in res:
         r = res["read"]
         gib = r["volume_bytes"] / GiB
         peers = r["peers"]
-        for label, key, runs in (("latest", "median", r["latest"]),
-                                 ("mid", "median_mid", r["mid"])):
-            rows.append((f"point-in-time read {gib:g} GiB, {label} seq (MB/s)",
-                         f"{r[key]:,.0f}",
-                         (f"dd {r['peer_median']:,.0f}" + (
-                             f" / qemu-img {r['peer_qemu_median']:,.0f}"
-                             if r["peer_qemu_median"] else "")) if peers else "-", "800",
-                         _verdict(r[key], FLOORS["read"]),
-                         f"{median_of(runs, 'cpu_s_per_gb'):.2f} CPU-s/GB"
-                         + (f" / dd {median_of(peers, 'cpu_s_per_gb'):.2f}" if peers else "")))
+        for label, key, runs in (
+            ("latest", "median", r["latest"]),
+            ("mid", "median_mid", r["mid"]),
+        ):
+            rows.append(
+                (
+                    f"point-in-time read {gib:g} GiB, {label} seq (MB/s)",
+                    f"{r[key]:,.0f}",
+                    (
+                        f"dd {r['peer_median']:,.0f}"
+                        + (
+                            f" / qemu-img {r['peer_qemu_median']:,.0f}"
+                            if r["peer_qemu_median"]
+                            else ""
+                        )
+                    )
+                    if peers
+                    else "-",
+                    "800",
+                    _verdict(r[key], FLOORS["read"]),
+                    f"{median_of(runs, 'cpu_s_per_gb'):.2f} CPU-s/GB"
+                    + (f" / dd {median_of(peers, 'cpu_s_per_gb'):.2f}" if peers else ""),
+                )
+            )
     loads = []
-    for key, mine, peer in (("write", "ours", "python"), ("pipeline", "ours", "peer"),
-                            ("read", "latest", "peers")):
+    for key, mine, peer in (
+        ("write", "ours", "python"),
+        ("pipeline", "ours", "peer"),
+        ("read", "latest", "peers"),
+    ):
         if key in res and res[key][mine]:
             o = median_of(res[key][mine], "cpu_other")
             p2 = median_of(res[key][peer], "cpu_other") if res[key][peer] else float("nan")
             loads.append(f"{key} {o:.2f}/{p2:.2f}")
     if loads:
-        rows.append(("other processes' CPU during runs (cores, ours/peer)", "; ".join(loads),
-                     "", "", "", ""))
+        rows.append(
+            (
+                "other processes' CPU during runs (cores, ours/peer)",
+                "; ".join(loads),
+                "",
+                "",
+                "",
+                "",
+            )
+        )
     for key in ("write", "pipeline", "read"):
         if key not in res:
             continue
-        fps = [x["footprint"] for x in (res[key]["ours"] if key != "read"
-                                        else [res[key]["setup"]])]
+        fps = [x["footprint"] for x in (res[key]["ours"] if key != "read" else [res[key]["setup"]])]
         fp = {k: statistics.median(f[k] for f in fps) for k in fps[0]}
-        rows.append((f"index bytes / GiB written ({key})",
-                     f"{fp['index_per_gib'] / MiB:.2f} MiB", "", "report", "",
-                     f"segment metadata {fp['segment_meta_per_gib'] / MiB:.1f} MiB, packs "
-                     f"{fp['pack_per_gib'] / MiB:.0f} MiB"
-                     + (f", RSS {fp['rss_per_gib'] / MiB:.0f} MiB" if "rss_per_gib" in fp
-                        else "")))
+        rows.append(
+            (
+                f"index bytes / GiB written ({key})",
+                f"{fp['index_per_gib'] / MiB:.2f} MiB",
+                "",
+                "report",
+                "",
+                f"segment metadata {fp['segment_meta_per_gib'] / MiB:.1f} MiB, packs "
+                f"{fp['pack_per_gib'] / MiB:.0f} MiB"
+                + (f", RSS {fp['rss_per_gib'] / MiB:.0f} MiB" if "rss_per_gib" in fp else ""),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 def _verdict(v: float, floor: float, interval_ms: float | None = None) -> str:
@@ -987,30 +1270,57 @@ def _verdict(v: float, floor: float, interval_ms: float | None = None) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="short run: 2 s writes, 5 s pipeline, 256 MiB read volume")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="short run: 2 s writes, 5 s pipeline, 256 MiB read volume",
+    )
     ap.add_argument("--runs", type=int, default=3, help="alternated runs per figure (median)")
-    ap.add_argument("--zstd-level", type=int, default=None,
-                    help="pipeline: JournalOptions.zstd_level for ours and the ceiling "
-                         "(default: the journal's default); the peer stays zstd -1")
-    ap.add_argument("--only", default="write,pipeline,read",
-                    help="comma list of workloads: write,pipeline,read")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "tmp", "journal_bench"),
-                    help="scratch dir (under bench/tmp/, gitignored)")
-    ap.add_argument("--sync-interval", type=float, default=0.0045,
-                    help="target seconds between sync() starts in the write benchmark (4.5 ms "
-                         "so that the achieved median stays under 5 ms)")
-    ap.add_argument("--batch", type=int, default=16,
-                    help="also run the write figure with write_many() of this many records "
-                         "(1: skip)")
-    ap.add_argument("--max-lag", type=int, default=4,
-                    help="pipeline backpressure: unsealed segments before the appender waits")
+    ap.add_argument(
+        "--zstd-level",
+        type=int,
+        default=None,
+        help="pipeline: JournalOptions.zstd_level for ours and the ceiling "
+        "(default: the journal's default); the peer stays zstd -1",
+    )
+    ap.add_argument(
+        "--only", default="write,pipeline,read", help="comma list of workloads: write,pipeline,read"
+    )
+    ap.add_argument(
+        "--out",
+        default=os.path.join(ROOT, "bench", "tmp", "journal_bench"),
+        help="scratch dir (under bench/tmp/, gitignored)",
+    )
+    ap.add_argument(
+        "--sync-interval",
+        type=float,
+        default=0.0045,
+        help="target seconds between sync() starts in the write benchmark (4.5 ms "
+        "so that the achieved median stays under 5 ms)",
+    )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="also run the write figure with write_many() of this many records (1: skip)",
+    )
+    ap.add_argument(
+        "--max-lag",
+        type=int,
+        default=4,
+        help="pipeline backpressure: unsealed segments before the appender waits",
+    )
     ap.add_argument("--ext4-source", default="/usr/share", help="tree copied into the image")
-    ap.add_argument("--quiet-wait", type=float, default=6.0,
-                    help="before each run, wait up to this many seconds for other processes "
-                         "to use < 0.3 cores (the box is shared); their load is reported")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=6.0,
+        help="before each run, wait up to this many seconds for other processes "
+        "to use < 0.3 cores (the box is shared); their load is reported",
+    )
     ap.add_argument("--profile", action="store_true", help="also profile each workload once")
     ap.add_argument("--profile-only", action="store_true", help="only the profiles")
     ap.add_argument("--no-peer", action="store_true", help="skip the peer baselines")
@@ -1021,10 +1331,16 @@ def main() -> int:
     for n in names:
         if n not in WORKLOADS:
             ap.error(f"unknown workload {n!r}")
-    print(f"journal_bench: {platform.node()} {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}, out {a.out}", flush=True)
-    res: dict[str, Any] = {"args": vars(a), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                           "journal_version": journal_version()}
+    print(
+        f"journal_bench: {platform.node()} {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, out {a.out}",
+        flush=True,
+    )
+    res: dict[str, Any] = {
+        "args": vars(a),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "journal_version": journal_version(),
+    }
     print(f"journal/ at {res['journal_version']}", flush=True)
     t0 = now()
     if not a.profile_only:

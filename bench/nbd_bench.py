@@ -29,18 +29,30 @@ JOBS = [
     ("4k randwrite QD16", ["--rw=randwrite", "--bs=4k", "--iodepth=16"], "iops"),
     ("64k randwrite QD8", ["--rw=randwrite", "--bs=64k", "--iodepth=8"], "iops"),
     ("1M seq write QD4", ["--rw=write", "--bs=1M", "--iodepth=4"], "bw"),
-    ("4k randwrite QD16 flush/32", ["--rw=randwrite", "--bs=4k", "--iodepth=16",
-                                    "--fsync=32"], "iops"),
+    (
+        "4k randwrite QD16 flush/32",
+        ["--rw=randwrite", "--bs=4k", "--iodepth=16", "--fsync=32"],
+        "iops",
+    ),
 ]
 SIZE = "1G"
 
 
 def fio(uri: str, args: list[str], runtime: int) -> dict:  # type: ignore[type-arg]
-    cmd = ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--size={SIZE}",
-           f"--runtime={runtime}", "--time_based", "--refill_buffers",
-           "--output-format=json", *args]
+    cmd = [
+        "fio",
+        "--name=b",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        f"--size={SIZE}",
+        f"--runtime={runtime}",
+        "--time_based",
+        "--refill_buffers",
+        "--output-format=json",
+        *args,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    w = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    w = json.loads(out[out.index("{") :])["jobs"][0]["write"]
     return {"iops": w["iops"], "bw": w["bw_bytes"] / 1e6, "ios": w["total_ios"]}
 
 
@@ -84,10 +96,28 @@ def profile(out: str, job: str, daemon: int, seconds: int) -> list[subprocess.Po
     spies = []
     for who, pid in [("daemon", daemon)] + [("worker", int(p)) for p in kids.stdout.split()]:
         dest = Path(out) / f"{job.replace(' ', '_').replace('/', '-')}-{who}-{pid}.txt"
-        spies.append(subprocess.Popen(
-            [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-d",
-             str(seconds), "-r", "200", "--threads", "--nonblocking", "-f", "raw", "-o",
-             str(dest)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        spies.append(
+            subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-d",
+                    str(seconds),
+                    "-r",
+                    "200",
+                    "--threads",
+                    "--nonblocking",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(dest),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     return spies
 
 
@@ -96,12 +126,22 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default=str(Path(__file__).parent / "tmp" / "nbd_bench"))
-    ap.add_argument("--job", action="append", choices=[j[0] for j in JOBS],
-                    help="run only this job (repeatable); default: all")
-    ap.add_argument("--profile", metavar="DIR",
-                    help="py-spy the daemon and its detector worker in each job's first cdp run")
-    ap.add_argument("--no-detector", action="store_true",
-                    help="[detector] enabled = false (A/B of the detector's cost to guests)")
+    ap.add_argument(
+        "--job",
+        action="append",
+        choices=[j[0] for j in JOBS],
+        help="run only this job (repeatable); default: all",
+    )
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="py-spy the daemon and its detector worker in each job's first cdp run",
+    )
+    ap.add_argument(
+        "--no-detector",
+        action="store_true",
+        help="[detector] enabled = false (A/B of the detector's cost to guests)",
+    )
     a = ap.parse_args()
     runtime, seq_runtime = (3, 5) if a.quick else (10, 30)
     work = Path(a.dir)
@@ -119,23 +159,40 @@ def main() -> int:
         f'image = "{ours_img}"\nlisten = "unix:{sock_dir}/ours.sock"\n'
     )
     with open(work / "daemon.log", "w") as log:
-        ours = subprocess.Popen([sys.executable, "-m", "cdp", "daemon", "--config", str(cfg)],
-                                stdout=subprocess.DEVNULL, stderr=log)
-    peer = subprocess.Popen(["qemu-nbd", f"--socket={sock_dir}/peer.sock", "--format=raw",
-                             "--export-name=disk0", "--persistent", "--cache=writeback",
-                             str(peer_img)])
+        ours = subprocess.Popen(
+            [sys.executable, "-m", "cdp", "daemon", "--config", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    peer = subprocess.Popen(
+        [
+            "qemu-nbd",
+            f"--socket={sock_dir}/peer.sock",
+            "--format=raw",
+            "--export-name=disk0",
+            "--persistent",
+            "--cache=writeback",
+            str(peer_img),
+        ]
+    )
     try:
         wait_socket(f"{sock_dir}/ours.sock")
         wait_socket(f"{sock_dir}/peer.sock")
         # Onboarding compares the whole image with the journal first; jobs start after it.
         t0 = time.monotonic()
-        while api(f"{sock_dir}/api.sock", "/v1/status")["volumes"][0]["onboarding"][
-                "state"] != "done" and time.monotonic() - t0 < 120:
+        while (
+            api(f"{sock_dir}/api.sock", "/v1/status")["volumes"][0]["onboarding"]["state"] != "done"
+            and time.monotonic() - t0 < 120
+        ):
             time.sleep(0.2)
-        uris = {"cdp": f"nbd+unix:///disk0?socket={sock_dir}/ours.sock",
-                "qemu-nbd": f"nbd+unix:///disk0?socket={sock_dir}/peer.sock"}
-        print(f"fio jobs, {runtime} s each ({seq_runtime} s sequential), median of {a.runs}, "
-              "alternated; cdp journals every write")
+        uris = {
+            "cdp": f"nbd+unix:///disk0?socket={sock_dir}/ours.sock",
+            "qemu-nbd": f"nbd+unix:///disk0?socket={sock_dir}/peer.sock",
+        }
+        print(
+            f"fio jobs, {runtime} s each ({seq_runtime} s sequential), median of {a.runs}, "
+            "alternated; cdp journals every write"
+        )
         print(f"{'job':30} {'cdp':>12} {'qemu-nbd':>12} {'ratio':>7}")
         for name, args, key in JOBS:
             if a.job and name not in a.job:
@@ -145,8 +202,11 @@ def main() -> int:
             cost: dict[str, list[float]] = {}
             for k in range(a.runs):
                 for who in ("cdp", "qemu-nbd"):
-                    spies = profile(a.profile, name, ours.pid, rt) if (
-                        a.profile and who == "cdp" and k == 0) else []
+                    spies = (
+                        profile(a.profile, name, ours.pid, rt)
+                        if (a.profile and who == "cdp" and k == 0)
+                        else []
+                    )
                     c0 = cpu_s(ours.pid) if who == "cdp" else {}
                     r = fio(uris[who], args, rt)
                     res[who].append(r[key])
@@ -156,21 +216,35 @@ def main() -> int:
                         spy.wait(30)
             m = {k: statistics.median(v) for k, v in res.items()}
             unit = "MB/s" if key == "bw" else "IOPS"
-            print(f"{name:30} {m['cdp']:>9.0f} {unit:<2} {m['qemu-nbd']:>9.0f} {unit:<2} "
-                  f"{m['cdp'] / m['qemu-nbd']:>6.0%}", flush=True)
-            print(f"{'':30} runs: cdp {[round(x) for x in res['cdp']]}, "
-                  f"qemu-nbd {[round(x) for x in res['qemu-nbd']]}", flush=True)
-            print(f"{'':30} CPU per write (µs, median): " + ", ".join(
-                f"{k} {statistics.median(v):.1f}" for k, v in cost.items()), flush=True)
+            print(
+                f"{name:30} {m['cdp']:>9.0f} {unit:<2} {m['qemu-nbd']:>9.0f} {unit:<2} "
+                f"{m['cdp'] / m['qemu-nbd']:>6.0%}",
+                flush=True,
+            )
+            print(
+                f"{'':30} runs: cdp {[round(x) for x in res['cdp']]}, "
+                f"qemu-nbd {[round(x) for x in res['qemu-nbd']]}",
+                flush=True,
+            )
+            print(
+                f"{'':30} CPU per write (µs, median): "
+                + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in cost.items()),
+                flush=True,
+            )
             if key == "bw":
                 st = api(f"{sock_dir}/api.sock", "/v1/status")["groups"][0]
                 backlog = st["unsealed_segments"]
                 t0 = time.monotonic()
-                while api(f"{sock_dir}/api.sock", "/v1/status")["groups"][0][
-                        "unsealed_segments"] > 0 and time.monotonic() - t0 < 600:
+                while (
+                    api(f"{sock_dir}/api.sock", "/v1/status")["groups"][0]["unsealed_segments"] > 0
+                    and time.monotonic() - t0 < 600
+                ):
                     time.sleep(0.2)
-                print(f"{'':30} backlog after the run: {backlog} segments, drained in "
-                      f"{time.monotonic() - t0:.1f} s", flush=True)
+                print(
+                    f"{'':30} backlog after the run: {backlog} segments, drained in "
+                    f"{time.monotonic() - t0:.1f} s",
+                    flush=True,
+                )
     finally:
         ours.send_signal(signal.SIGTERM)
         peer.terminate()

@@ -58,7 +58,7 @@ class Ring:
 
     @classmethod
     def create(cls, capacity: int = DEFAULT_CAPACITY) -> Ring:
-        fd = os.memfd_create("cdp-detector-feed", 0)  # inheritable only where passed
+        fd = os.memfd_create("cdp-detector-feed")  # close-on-exec: inherited only where passed
         os.ftruncate(fd, HEADER + capacity)
         return cls(fd, capacity)
 
@@ -101,7 +101,14 @@ class RingWriter:
         self.delivered = after  # last seq placed in the ring (or scored before it)
         self.gap = False  # something after ``delivered`` was dropped
         self.dropped = 0  # batches dropped, for status
+        self.failed = 0  # batches the tap could not place (a bug): read back like drops
+        self.closed = False
         self._lock = threading.Lock()  # the tap runs wherever write_many is called
+
+    def close(self) -> None:
+        """No tap places anything after this returns (the ring may then be unmapped)."""
+        with self._lock:
+            self.closed = True
 
     def mark_gap(self) -> None:
         """Records appended while no tap was set (a reopened journal) must be read back."""
@@ -129,16 +136,21 @@ class RingWriter:
             return
         last = int(recs[-1].seq)
         with self._lock:
-            self._place(parts, need, int(recs[0].seq) - 1, last)
+            if self.closed:
+                return
+            try:
+                self._place(parts, need, int(recs[0].seq) - 1, last)
+            except Exception:  # never fail a write that is journaled already
+                self.gap, self.failed = True, self.failed + 1
 
     def flush_gap(self, upto: int) -> None:
         """Place a pending gap now (the daemon calls it when writes pause)."""
         with self._lock:
-            if self.gap and upto > self.delivered:
-                self._place([], 0, upto, upto)
+            if self.gap and upto > self.delivered and not self.closed:
+                self._place([], 0, upto, upto, count=False)
 
     def _place(self, parts: list[tuple[bytes, bytes | memoryview | None]], need: int,
-               before: int, last: int) -> None:  # fmt: skip
+               before: int, last: int, count: bool = True) -> None:  # fmt: skip
         r = self.ring
         head = r._head()
         gap = b""
@@ -146,7 +158,7 @@ class RingWriter:
             gap = _REC.pack(GAP, self.delivered, 0, before, 0, 0)
         if r.capacity - (head - r._tail()) < need + len(gap):
             self.gap = True
-            self.dropped += 1
+            self.dropped += count
             return
         pos = r._put(head, gap) if gap else head
         for meta, data in parts:

@@ -853,6 +853,8 @@ class Journal:
         """
         self._check_point(at)
         with self._map_lock:
+            if at < self.base_seq:  # folded between the check and the lock
+                self._check_point(at)
             return self._vol(volume).holds_data(offset, length, at)
 
     def volume_size(self, volume: str) -> int:

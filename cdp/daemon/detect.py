@@ -26,13 +26,19 @@ from cdp.daemon.quarantine import Quarantine, pin_clean_point
 from cdp.detector import Detection, DetectorConfig
 from cdp.detector_feed import DEFAULT_CAPACITY, Ring, RingWriter
 from cdp.detector_worker import MAX_FRAME, encode_records
-from journal import Journal, PointNotRetained, Record, WriteRecord
+from journal import Journal, JournalError, PointNotRetained, Record, WriteRecord
 from journal.journal import TailCursor
 
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct("<I")
 RESTART_DELAY_S = 2.0
+MAX_STUCK = 3  # restarts without progress before the detector skips the stretch
+
+
+class _Reopened(Exception):
+    """The group's journal was reopened (after a failure): tap the new one from a clean
+    start, since a truncated tail may give seqs already seen to new writes."""
 
 
 @dataclass(slots=True)
@@ -70,17 +76,27 @@ class DetectorSetup:
 async def run_detector(g: DetectedGroup, setup: DetectorSetup, stop: asyncio.Event) -> None:
     """Run the group's detector worker until ``stop``; start it again when it dies."""
     state = g.detector = DetectorState(scored_seq=int(g.journal.window().last_seq))
-    first = True
+    first, stuck, at = True, 0, -1
     while not stop.is_set():
         try:
             await _one_worker(g, state, setup, stop, resume=not first)
+        except _Reopened:  # a new journal: start over on it at once, nothing lost
+            state.scored_seq = min(state.scored_seq, int(g.journal.window().last_seq))
+            continue
         except Exception as e:  # the detector never takes capture down
             log.error("detector failed; restarting it", extra={"group": g.name, "err": str(e)})
         first = False
-        if not stop.is_set():
-            state.restarts += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), RESTART_DELAY_S)
+        if stop.is_set():
+            break
+        state.restarts += 1
+        stuck, at = (stuck + 1, at) if state.scored_seq == at else (1, state.scored_seq)
+        if stuck >= MAX_STUCK:  # something after ``at`` kills it each time: skip past it
+            last = int(g.journal.window().last_seq)
+            log.error("detector skipped writes it could not score",
+                      extra={"group": g.name, "after_seq": at, "upto_seq": last})  # fmt: skip
+            state.scored_seq, stuck = last, 0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), RESTART_DELAY_S * max(1, min(stuck, 4)))
 
 
 async def _one_worker(
@@ -97,6 +113,7 @@ async def _one_worker(
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cdp.detector_worker", str(ring.fd), str(capacity),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(ring.fd,),
+            start_new_session=True,  # a Ctrl-C of the daemon's group stops it through us
         )  # fmt: skip
     except BaseException:
         ring.close()
@@ -121,11 +138,8 @@ async def _one_worker(
                                              return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
                 if stopping in done:
                     return
-                if g.journal is not tapped:  # reopened after a failure: tap the new one
-                    tapped.set_tap(None)
-                    writer.mark_gap()
-                    tapped = g.journal
-                    tapped.set_tap(writer.tap)
+                if g.journal is not tapped:  # reopened after a failure
+                    raise _Reopened
                 state.dropped = writer.dropped
                 if reading not in done:
                     writer.flush_gap(int(tapped.window().last_seq))  # writes paused
@@ -144,6 +158,7 @@ async def _one_worker(
     finally:
         if tapped is not None:
             tapped.set_tap(None)
+        writer.close()  # a tap already under way in another thread finishes first
         with contextlib.suppress(Exception):
             chan_out.close()  # the worker exits when its stdin closes
         try:
@@ -202,7 +217,7 @@ def _priors(j: Journal, spans: list[list[Any]]) -> list[bytes]:
                 out.append(b"")
             else:
                 out.append(j.read(vol, off, n, seq))
-        except (PointNotRetained, KeyError, ValueError):
+        except (JournalError, KeyError, ValueError):  # folded, closed, volume gone
             out.append(b"")
     return out
 
@@ -212,9 +227,9 @@ def _read_back(j: Journal, server: _Server, after: int, upto: int) -> dict[str, 
     cursor = server.cursor if server.cursor_at == after else None
     try:
         back, cursor = j.read_durable(after + 1, max_bytes=32 << 20, cursor=cursor, sync=False)
-    except PointNotRetained:  # folded meanwhile: go on from the window's start
+    except PointNotRetained:  # folded meanwhile: go on from the oldest point still there
         first = int(j.window().first_seq)
-        back, cursor = j.read_durable(first, max_bytes=32 << 20, sync=False)
+        back, cursor = j.read_durable(first + 1, max_bytes=32 << 20, sync=False)
     back = [r for r in back if r.seq <= upto]
     if not back:
         return {"recs": [], "last": after}

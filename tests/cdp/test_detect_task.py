@@ -46,7 +46,7 @@ def _worker_pids() -> list[int]:
 
 
 async def _run(
-    tmp_path: Path, size: int = 32 * MIB, kill_worker: bool = False
+    tmp_path: Path, size: int = 32 * MIB, kill_worker: bool = False, reopen: bool = False
 ) -> tuple[Any, Journal, int]:
     j = Journal.open(str(tmp_path / "j"))
     j.add_volume("v", size)
@@ -69,6 +69,13 @@ async def _run(
     for k in range(8):  # documents
         j.write("v", k * MIB, _text(rng, MIB))
     await asyncio.sleep(0.5)
+    if reopen:  # as the daemon's repair does after a journal failure
+        j.close()
+        old, j = j, Journal.open(str(tmp_path / "j"))
+        g.journal = j
+        while j._tap is None:  # noqa: ASYNC110 (the task's own state)
+            await asyncio.sleep(0.01)
+        assert old._tap is None
     first = int(j.window().last_seq) + 1
     if kill_worker:  # the first half is encrypted while no worker runs
         (pid,) = _worker_pids()
@@ -124,4 +131,33 @@ async def test_a_worker_that_dies_is_started_again_and_scores_what_it_missed(
     assert g.detector.restarts == 1
     assert len(g.quarantines) == 1
     assert g.quarantines[0].detection.first_seq == first  # written while none ran
+    j.close()
+
+
+async def test_a_reopened_journal_is_tapped_again(tmp_path: Path) -> None:
+    g, j, first = await _run(tmp_path, reopen=True)
+    assert g.detector.restarts == 0  # a reopen is not a failure of the worker
+    assert len(g.quarantines) == 1 and g.quarantines[0].detection.first_seq == first
+    j.close()
+
+
+def test_a_read_back_from_a_folded_point_goes_on_from_the_oldest_retained(
+    tmp_path: Path,
+) -> None:
+    """A worker that fell further behind than the window resumes where history begins."""
+    now = [10**18]
+    j = Journal.open(str(tmp_path / "j"), clock=lambda: now[0],
+                     options=JournalOptions(segment_size=1 << 20))  # fmt: skip
+    j.add_volume("v", 8 * MIB)
+    for k in range(64):
+        j.write("v", (k % 8) * MIB, os.urandom(64 << 10))
+        now[0] += 10**9
+    j.sync()
+    j.seal_pending(100)
+    j.apply_retention(keep_ns=20 * 10**9)
+    first, last = int(j.window().first_seq), int(j.window().last_seq)
+    assert first > 1  # folded
+    ans = detect._read_back(j, detect._Server(), 0, last)
+    seqs = [row[1] for row in ans["recs"]]
+    assert seqs and seqs[0] == first + 1 and seqs == sorted(seqs) and ans["last"] > first
     j.close()

@@ -25,7 +25,8 @@ def test_records_come_out_as_they_went_in_across_the_wrap() -> None:
     ring = Ring.create(capacity=10_000)
     w, r = RingWriter(ring, after=0), RingReader(ring)
     rng = random.Random(3)
-    sent, got = [], []
+    sent: list[tuple[str, int, int, bytes | None]] = []
+    got: list[tuple[str, int, int, bytes | None]] = []
     for seq in range(1, 301):  # ~1.3 MB through a 10 kB ring: it wraps many times
         n = rng.randint(1, 6000)
         data = os.urandom(n)
