@@ -171,38 +171,49 @@ class RingWriter:
 
 
 class RingReader:
-    """The worker's end: records and gaps, in the order the writer placed them."""
+    """The worker's end: records and gaps, in the order the writer placed them.
+
+    A write's data is a view of the ring itself, not a copy (a 1 MiB write is sampled at a
+    few places, so copying it out cost more than scoring it); the writer may reuse that
+    space only after ``release()``, which the next ``take()`` also does.
+    """
 
     def __init__(self, ring: Ring) -> None:
         self.ring = ring
+        self._pending = ring._tail()  # end of what the last take handed out
+
+    def release(self) -> None:
+        """The views of the last take are no longer used: give their space back."""
+        _IDX.pack_into(self.ring._mm, 8, self._pending)
 
     def take(self, max_bytes: int = 16 << 20) -> list[Write | ZeroRecord | Gap]:
-        """What the writer placed since the last take (about ``max_bytes`` at most): one
-        copy out of the ring, then records that slice it."""
+        """What the writer placed since the last take (about ``max_bytes`` of data at most,
+        and always one record when any is there)."""
+        self.release()
         r = self.ring
-        head, tail = r._head(), r._tail()
-        if head == tail:
-            return []
-        n = min(head - tail, max_bytes)
-        kind, _, _, _, ln, nl = _REC.unpack(r._get(tail, _REC.size))
-        n = max(n, _REC.size + nl + (ln if kind == WRITE else 0))  # one record at least
-        buf = r._get(tail, n)
-        view = memoryview(buf)
+        cap, size, mm = r.capacity, _REC.size, r._mm
+        head, pos = r._head(), self._pending
         out: list[Write | ZeroRecord | Gap] = []
-        pos, size = 0, _REC.size
-        while pos + size <= n:
-            kind, seq, ts, off, ln, nl = _REC.unpack_from(buf, pos)
-            end = pos + size + nl + (ln if kind == WRITE else 0)
-            if end > n:
-                break  # cut by the copy's cap: the rest comes next time
+        taken = 0
+        while pos < head and (taken < max_bytes or not out):
+            at = pos % cap
+            if at + size <= cap:
+                kind, seq, ts, off, ln, nl = _REC.unpack_from(mm, HEADER + at)
+            else:
+                kind, seq, ts, off, ln, nl = _REC.unpack(r._get(pos, size))
+            pos += size
             if kind == GAP:
                 out.append(Gap(seq, off))
+                continue
+            vol = r._get(pos, nl).decode()
+            pos += nl
+            if kind == WRITE:
+                at = pos % cap
+                data = r._buf[HEADER + at : HEADER + at + ln] if at + ln <= cap else r._get(pos, ln)
+                pos += ln
+                taken += ln
+                out.append(Write(seq, ts, vol, off, ln, data))
             else:
-                vol = buf[pos + size : pos + size + nl].decode()
-                if kind == WRITE:
-                    out.append(Write(seq, ts, vol, off, ln, view[end - ln : end]))
-                else:
-                    out.append(ZeroRecord(seq, ts, vol, off, ln, kind == TRIM))
-            pos = end
-        _IDX.pack_into(r._mm, 8, tail + pos)  # the writer may reuse what was copied out
+                out.append(ZeroRecord(seq, ts, vol, off, ln, kind == TRIM))
+        self._pending = pos
         return out

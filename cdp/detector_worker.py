@@ -137,6 +137,7 @@ class Worker:
                 elif it.seq > self.pos:
                     batch.append(it)
             self._score(batch)
+            self.reader.release()  # the batch's data views are done with
 
     def _read_back(self, after: int, upto: int) -> None:
         after = max(after, self.pos)

@@ -44,7 +44,9 @@ def test_records_come_out_as_they_went_in_across_the_wrap() -> None:
             else:
                 assert isinstance(it, ZeroRecord) and it.trim and it.volume == "vol-é"
                 got.append(("z", it.seq, it.length, None))
+        r.release()  # as the worker does once a batch is scored
     assert got == sent
+    del it  # views into the ring must go before it is unmapped
     ring.close()
 
 
@@ -56,6 +58,7 @@ def test_a_full_ring_drops_and_says_which_seqs_to_read_back() -> None:
         w.tap([_w(s, 0, blk)], [(0, blk, BLOCK, False)])
     assert w.dropped == 1 and w.gap
     assert [it.seq for it in r.take()] == [6, 7, 8]  # type: ignore[union-attr]
+    r.release()  # their views are done with: the space is free again
     w.tap([_w(12, 0, blk)], [(0, blk, BLOCK, False)])  # 10 and 11 were checkpoints, say
     out = r.take()
     assert [type(x) for x in out] == [Gap, Write]
@@ -75,6 +78,7 @@ def test_a_write_larger_than_a_take_comes_whole_and_excluded_volumes_never_enter
     out = r.take(max_bytes=1 << 20)
     assert len(out) == 1 and isinstance(out[0], Write) and bytes(out[0].data) == big
     assert r.take() == []
+    del out  # views into the ring must go before it is unmapped
     ring.close()
 
 
@@ -105,3 +109,21 @@ def test_needs_names_every_prior_read_observe_makes() -> None:
         det.observe(batch)
         assert set(asked) <= set(want), (asked, want)
         assert len(want) == len(set(want))
+
+
+def test_a_taken_write_is_not_overwritten_before_it_is_released() -> None:
+    """The worker scores straight from the ring: the writer must not reuse that space."""
+    ring = Ring.create(capacity=BLOCK + 100)
+    w, r = RingWriter(ring, after=0), RingReader(ring)
+    a, b = os.urandom(BLOCK), os.urandom(BLOCK)
+    w.tap([_w(1, 0, a)], [(0, a, BLOCK, False)])
+    (got,) = r.take()
+    w.tap([_w(2, 0, b)], [(0, b, BLOCK, False)])  # no room until the view is released
+    assert isinstance(got, Write) and bytes(got.data) == a and w.dropped == 1
+    del got
+    r.release()
+    w.tap([_w(3, 0, b)], [(0, b, BLOCK, False)])
+    out = r.take()
+    assert [type(x) for x in out] == [Gap, Write] and bytes(out[1].data) == b  # type: ignore[union-attr]
+    del out
+    ring.close()
