@@ -33,7 +33,7 @@ from cdp.detector import DetectorConfig, GroupDetector, Observed
 from cdp.detector_feed import Gap, Ring, RingReader
 from journal import Record, WriteRecord, ZeroRecord
 
-_LEN = struct.Struct("<I")
+FRAME_LEN = struct.Struct("<I")
 MAX_FRAME = 1 << 30
 
 
@@ -41,9 +41,14 @@ class ChannelClosed(Exception):
     """The other end went away."""
 
 
+def frame(msg: dict[str, Any]) -> bytes:
+    """One message on the channel: its length, then msgpack (both ends use this)."""
+    body: bytes = msgpack.packb(msg, use_bin_type=True)
+    return FRAME_LEN.pack(len(body)) + body
+
+
 def send(out: BinaryIO, msg: dict[str, Any]) -> None:
-    body = msgpack.packb(msg, use_bin_type=True)
-    view = memoryview(_LEN.pack(len(body)) + body)
+    view = memoryview(frame(msg))
     while view:
         n = out.write(view)
         if n is None or n <= 0:
@@ -62,7 +67,7 @@ def _read_exact(inp: BinaryIO, n: int) -> bytes:
 
 
 def recv(inp: BinaryIO) -> dict[str, Any]:
-    (n,) = _LEN.unpack(_read_exact(inp, _LEN.size))
+    (n,) = FRAME_LEN.unpack(_read_exact(inp, FRAME_LEN.size))
     if n > MAX_FRAME:
         raise ChannelClosed
     msg = msgpack.unpackb(_read_exact(inp, n), raw=False)

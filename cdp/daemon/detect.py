@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,13 +24,12 @@ import msgpack
 from cdp.daemon.quarantine import Quarantine, pin_clean_point
 from cdp.detector import Detection, DetectorConfig
 from cdp.detector_feed import DEFAULT_CAPACITY, Ring, RingWriter
-from cdp.detector_worker import MAX_FRAME, encode_records
+from cdp.detector_worker import FRAME_LEN, MAX_FRAME, encode_records, frame
 from journal import Journal, JournalError, PointNotRetained, Record, WriteRecord
 from journal.journal import TailCursor
 
 log = logging.getLogger(__name__)
 
-_LEN = struct.Struct("<I")
 RESTART_DELAY_S = 2.0
 MAX_STUCK = 3  # restarts without progress before the detector skips the stretch
 
@@ -121,6 +119,7 @@ async def _one_worker(
     assert proc.stdin is not None and proc.stdout is not None
     chan_in, chan_out = proc.stdout, proc.stdin
     tapped: Journal | None = None
+    failed = 0
     state.scored_seq = after
     server = _Server()
     try:
@@ -141,8 +140,12 @@ async def _one_worker(
                 if g.journal is not tapped:  # reopened after a failure
                     raise _Reopened
                 state.dropped = writer.dropped
+                if writer.failed > failed:  # a bug in the tap: its writes are read back
+                    failed = writer.failed
+                    log.error("detector tap failed; reading back", extra={"group": g.name})
                 if reading not in done:
-                    writer.flush_gap(int(tapped.window().last_seq))  # writes paused
+                    if writer.gap:  # writes paused with a gap pending: place it now
+                        writer.flush_gap(int(tapped.window().last_seq))
                     continue
                 msg = reading.result()
                 if msg is None:
@@ -252,14 +255,13 @@ def _inline(j: Journal, recs: list[Record]) -> list[Record]:
 
 
 def _send(w: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-    body = msgpack.packb(msg, use_bin_type=True)
-    w.write(_LEN.pack(len(body)) + body)
+    w.write(frame(msg))
 
 
 async def _recv(r: asyncio.StreamReader) -> dict[str, Any] | None:
     """The worker's next message; None when it closed the channel (exited)."""
     try:
-        (n,) = _LEN.unpack(await r.readexactly(_LEN.size))
+        (n,) = FRAME_LEN.unpack(await r.readexactly(FRAME_LEN.size))
         if n > MAX_FRAME:
             return None
         msg = msgpack.unpackb(await r.readexactly(n), raw=False)

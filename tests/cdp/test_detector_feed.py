@@ -127,3 +127,29 @@ def test_a_taken_write_is_not_overwritten_before_it_is_released() -> None:
     assert [type(x) for x in out] == [Gap, Write] and bytes(out[1].data) == b  # type: ignore[union-attr]
     del out
     ring.close()
+
+
+def test_the_tap_never_fails_a_write_and_places_nothing_once_closed() -> None:
+    """The tap runs after the journal appended the write: an error in it must not reach
+    the guest; what it could not place is read back like a drop."""
+    ring = Ring.create(capacity=4 * BLOCK)
+    w, r = RingWriter(ring, after=0), RingReader(ring)
+    blk = bytes(BLOCK)
+    put = ring._put
+
+    def broken(pos: int, data: bytes | memoryview) -> int:
+        raise ValueError("simulated")
+
+    ring._put = broken  # type: ignore[method-assign]
+    w.tap([_w(1, 0, blk)], [(0, blk, BLOCK, False)])  # does not raise
+    assert w.failed == 1 and w.gap
+    ring._put = put  # type: ignore[method-assign]
+    w.tap([_w(2, 0, blk)], [(0, blk, BLOCK, False)])
+    out = r.take()
+    assert out[0] == Gap(after=0, upto=1) and isinstance(out[1], Write) and out[1].seq == 2
+    del out
+    w.close()
+    w.tap([_w(3, 0, blk)], [(0, blk, BLOCK, False)])
+    w.flush_gap(upto=9)
+    assert r.take() == []
+    ring.close()
