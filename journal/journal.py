@@ -573,7 +573,12 @@ class Journal:
         no = (self.segs[-1].no + 1) if self.segs else 1
         f = self.storage.open(self._seg_path(no, False), create=True)
         w = SegmentWriter.create(f, SegmentHeader(no, self.next_seq, self.uuid, False))
-        self.storage.sync_dir(self.seg_dir)
+        # The new name must be durable before any sync() vouches for a record in it. A
+        # folder fsync is an ext4 journal commit that can wait 100 ms behind writeback, so
+        # it runs on the roll thread, queued like a roll (sync() waits for both), never
+        # under the append lock on a capture source's thread.
+        with self._rolls_lock:
+            self._rolls.append(self._roller.submit(self._sync_seg_dir))
         self.segs.append(_Seg(no, self.next_seq, self.next_seq - 1, 0, 0, 0, 0, False, f))
         self._writer = w
         self._write_note(w)  # a roll that finished before this segment existed
@@ -593,6 +598,13 @@ class Journal:
             self._rolls.append(self._roller.submit(self._finish_roll, w, seg))
         self._writer = None
         self._publish(None)
+
+    def _sync_seg_dir(self) -> None:
+        try:
+            self.storage.sync_dir(self.seg_dir)
+        except OSError as e:
+            self._failed = StorageError("fsync", self.seg_dir, e)
+            raise self._failed from e
 
     def _finish_roll(self, w: SegmentWriter, seg: _Seg) -> None:
         try:
