@@ -22,6 +22,7 @@ import os
 import secrets
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ class Prepared:
 
     ids: list[BlockId]
     stored: dict[bytes, tuple[int, bytes | memoryview]]  # raw ones are views of the chunks
+    known: dict[bytes, BlockLocation]  # what the index held at prepare time
+    epoch: tuple[int, int]  # (collections, flushes) of the store at prepare time
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,12 @@ class BlockStore:
         self._files: dict[int, File] = {}
         self._pending: dict[bytes, tuple[int, int, int, int]] = {}  # not yet in the index
         self._pending_sizes: dict[int, int] = {}
+        # What changed the index since a ``prepare``: a collection (blocks dropped or moved)
+        # invalidates its lookups; a flush only adds, and its ids are kept for a few flushes
+        # so that ``put_many`` re-checks just those instead of querying SQLite again.
+        self._collections = 0
+        self._flushes = 0
+        self._flushed: deque[tuple[int, frozenset[bytes]]] = deque(maxlen=_FLUSHES_KEPT)
         self._writer: File | None = None
         self._writer_no = 0
         self._failed: OSError | None = None
@@ -241,9 +250,13 @@ class BlockStore:
         """
         self._check()
         ids = [BlockId(d) for d in self._parallel(_block_ids, list(chunks))]
-        _, new_idx = self._triage(ids)
+        with self._lock:
+            epoch = (self._collections, self._flushes)
+            known, new_idx = self._triage(ids)
         stored = self._parallel(self._compress_run, [chunks[k] for k in new_idx])
-        return Prepared(ids, {ids[k]: s for k, s in zip(new_idx, stored, strict=True)})
+        return Prepared(
+            ids, {ids[k]: s for k, s in zip(new_idx, stored, strict=True)}, known, epoch
+        )
 
     def _triage(self, ids: list[BlockId]) -> tuple[dict[bytes, BlockLocation], list[int]]:
         """The ids the index holds, and the first position of each id the store lacks."""
@@ -251,6 +264,28 @@ class BlockStore:
             known = self.index.lookup_blocks([b for b in ids if b not in self._pending])
             new: dict[bytes, int] = {}
             for k, b in enumerate(ids):
+                if b not in known and b not in self._pending and b not in new:
+                    new[b] = k
+        return known, list(new.values())
+
+    def _retriage(self, p: Prepared) -> tuple[dict[bytes, BlockLocation], list[int]]:
+        """``_triage`` of prepared ids, from the lookups ``prepare`` made where still valid.
+
+        Blocks leave the index only by ``collect``; after one, everything is looked up again.
+        Otherwise only ids that a flush since then indexed can have become known, and only
+        those are queried (a few, where a later segment repeats data of an earlier one).
+        """
+        with self._lock:
+            collections, flushes = p.epoch
+            since = [ids for n, ids in self._flushed if n > flushes]
+            if collections != self._collections or len(since) != self._flushes - flushes:
+                return self._triage(p.ids)  # a collection ran, or too many flushes to tell
+            known = dict(p.known)
+            ask = [b for b in p.ids if b not in known and any(b in f for f in since)]
+            if ask:
+                known.update(self.index.lookup_blocks(ask))
+            new: dict[bytes, int] = {}
+            for k, b in enumerate(p.ids):
                 if b not in known and b not in self._pending and b not in new:
                     new[b] = k
         return known, list(new.values())
@@ -273,7 +308,7 @@ class BlockStore:
             ids = prepared.ids
             if len(ids) != len(chunks):
                 raise ValueError("prepared for other chunks")
-            known, new_idx = self._triage(ids)
+            known, new_idx = self._retriage(prepared)
             done = prepared.stored
             todo = [k for k in new_idx if ids[k] not in done]  # it was in the store then
             extra = dict(
@@ -366,6 +401,8 @@ class BlockStore:
                 raise
             rows = [(bid, *loc) for bid, loc in self._pending.items()]
             self.index.add_blocks(rows, dict(self._pending_sizes), replace=replace)
+            self._flushes += 1
+            self._flushed.append((self._flushes, frozenset(self._pending)))
             self._pending.clear()
             self._pending_sizes.clear()
 
@@ -545,6 +582,7 @@ class BlockStore:
         """
         with self._lock:
             self.flush()
+            self._collections += 1  # prepared lookups are stale from here on
             by_pack: dict[int, list[tuple[bytes, int, int, int, int]]] = {}
             for r in self.index.all_blocks():
                 by_pack.setdefault(r[1], []).append(r)
@@ -594,6 +632,9 @@ class BlockStore:
                 f.close()
             self._files.clear()
             self._writer = None
+
+
+_FLUSHES_KEPT = 4  # the sealer prepares one segment ahead: one or two flushes in between
 
 
 def _decompress(bid: bytes, stored: memoryview, raw_len: int, where: str) -> bytes:

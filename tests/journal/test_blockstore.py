@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from journal import BlockCorrupt, BlockRef, Journal, JournalOptions
-from journal.blockstore import block_id
+from journal.blockstore import ENTRY, block_id
 
 OPTS = JournalOptions(segment_size=24 * 1024, chunk_size=8 * 1024, pack_target=64 * 1024)
 
@@ -59,5 +59,40 @@ def test_prepared_put_stores_a_block_collected_after_it_was_prepared(tmp_path: P
         out = bytearray(8192)
         j.store.copy_whole(memoryview(out), [(0, refs[0])])
         assert out == x
+    finally:
+        j.close()
+
+
+@pytest.mark.parametrize("flushes", [0, 1, 2, 4, 7])
+def test_prepared_put_dedups_against_blocks_stored_after_it_was_prepared(
+    tmp_path: Path, flushes: int
+) -> None:
+    """put_many reuses prepare's lookups; blocks stored since (by any number of flushes, or
+    still pending) must still be found, so no entry is written twice and refs resolve."""
+    j = Journal.open(str(tmp_path / "j"), options=OPTS)
+    try:
+        rng = random.Random(flushes)
+        old, a, b, c = (rng.randbytes(4096) for _ in range(4))
+        j.store.put_many([old])
+        j.store.flush()
+        prep = j.store.prepare([old, a, b, c, a])
+        assert block_id(old) not in prep.stored and block_id(a) in prep.stored
+        seen: dict[bytes, BlockRef] = {}
+        for k in range(flushes):  # a flushed; others pass through the store meanwhile
+            for r in j.store.put_many([a] if k == 0 else [rng.randbytes(4096)]):
+                seen.setdefault(bytes(r.block_id), r)
+            j.store.flush()
+        pending = j.store.put_many([b])[0]  # stored, not yet flushed
+        before = j.store.stats().pack_bytes
+        refs = j.store.put_many([old, a, b, c, a], prep)
+        j.store.flush()
+        grown = j.store.stats().pack_bytes - before
+        entry = ENTRY.size + 4096  # c (and a) stored raw: incompressible
+        assert grown == (entry if flushes else 2 * entry)  # c, and a unless flushed before
+        if flushes:
+            assert refs[1] == seen[block_id(a)]
+        assert refs[1] == refs[4] and refs[2] == pending
+        for r, data in zip(refs, [old, a, b, c, a], strict=True):
+            assert j.store.get(r) == data
     finally:
         j.close()
