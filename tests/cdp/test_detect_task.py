@@ -113,8 +113,11 @@ async def test_a_detector_that_fell_behind_reads_the_stretch_back(
     g, j, first = await _run(tmp_path)
     assert len(g.quarantines) == 1
     assert g.quarantines[0].detection.first_seq == first
-    assert g.detector.sampled >= 16 * 2  # it saw all 16 writes (4+ samples each)
-    assert g.detector.dropped >= 16  # and every one of them came by the read back
+    # No 4 KiB write fits in a 1,000-byte ring, so each of the 16 writes it scored (4+
+    # samples each) came by the read back. ``dropped`` counts tap calls, and one call may
+    # carry several writes, so it is at least one, not one per write.
+    assert g.detector.sampled >= 16 * 2
+    assert g.detector.dropped >= 1
     j.close()
 
 
