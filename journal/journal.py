@@ -105,9 +105,14 @@ class _Seg:
     file: File | None = None
     inline: list[Extent] = field(default_factory=list)
     checkpoints: list[tuple[int, int, str, str]] = field(default_factory=list)
+    # Every record appended to a segment this process created, in order (a write's data is
+    # its ``inline`` extent): sealing takes them from here instead of scanning and decoding
+    # the file again. None for a segment found at open, which sealing reads back.
+    recs: list[Record] | None = None
 
 
 _SEAL_BATCH = 4096  # pieces per block-store call when sealing
+_Writes = list[tuple[WriteRecord, memoryview]]  # inline writes of a segment, with their data
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,6 +512,8 @@ class Journal:
             seg.first_ts = rec.ts
         seg.last_seq, seg.last_ts = rec.seq, rec.ts
         seg.records += 1
+        if seg.recs is not None:
+            seg.recs.append(rec)
         self._ts.append(rec.ts)
         self.last_ts = rec.ts
         if isinstance(rec, WriteRecord):
@@ -579,7 +586,7 @@ class Journal:
         # under the append lock on a capture source's thread.
         with self._rolls_lock:
             self._rolls.append(self._roller.submit(self._sync_seg_dir))
-        self.segs.append(_Seg(no, self.next_seq, self.next_seq - 1, 0, 0, 0, 0, False, f))
+        self.segs.append(_Seg(no, self.next_seq, self.next_seq - 1, 0, 0, 0, 0, False, f, recs=[]))
         self._writer = w
         self._write_note(w)  # a roll that finished before this segment existed
         self._publish(w)
@@ -1526,41 +1533,68 @@ class Journal:
         """
         f = seg.file
         assert f is not None
-        name = os.path.relpath(self._seg_path(seg.no, False), self.path)
         size = f.size()
         # A mapping of the (page-cached) segment, where the storage has one: a 64 MiB pread
         # copies every byte again and faults in a fresh buffer for each segment.
         view = getattr(f, "view", None)
-        image = view(size) if view is not None else None
-        res: ScanResult = scan(
-            image[:size] if image is not None else f.pread(size, 0),
-            name,
-            journal_uuid=self.uuid,
-            tail_allowed=False,
-        )
+        image: memoryview | bytes = view(size)[:size] if view is not None else f.pread(size, 0)
+        if seg.recs is not None:
+            recs, writes = self._appended(seg, image)
+        else:
+            recs, writes = self._read_back(seg, image)
         cs = self.opts.chunk_size
-        recs: list[Record] = []
         pieces: list[memoryview] = []
         spans: list[tuple[int, int]] = []  # per inline write: its slice of ``pieces``
+        for rec, data in writes:
+            first = len(pieces)
+            if rec.offset // cs == (rec.offset + rec.length - 1) // cs:
+                pieces.append(data)  # the common small write: one piece
+            else:
+                pos = rec.offset
+                while pos < rec.offset + rec.length:
+                    nxt = min((pos // cs + 1) * cs, rec.offset + rec.length)
+                    pieces.append(data[pos - rec.offset : nxt - rec.offset])
+                    pos = nxt
+            spans.append((first, len(pieces)))
+        # One block-store call per few thousand pieces, not one per record: small writes
+        # would otherwise pay a thread hand-off and an index query each.
+        batches = [pieces[k : k + _SEAL_BATCH] for k in range(0, len(pieces), _SEAL_BATCH)]
+        prepared = [self.store.prepare(b) for b in batches] if compute else None
+        return _SealPrep(seg.no, seg.first_seq, recs, spans, batches, prepared)
+
+    def _appended(self, seg: _Seg, image: memoryview | bytes) -> tuple[list[Record], _Writes]:
+        """The records this process appended to ``seg``, and each inline write with its data
+        (a view of ``image``).
+
+        No scan, checksum or decode: these are the records as they were appended, and the
+        data's place in the file is the one the volume map reads from.
+        """
+        assert seg.recs is not None
+        recs = seg.recs
+        mv = memoryview(image)
+        it = iter(seg.inline)
+        writes: _Writes = []
+        for rec in recs:
+            if isinstance(rec, WriteRecord) and rec.data is not None:
+                src = next(it).src
+                assert isinstance(src, Inline)
+                writes.append((rec, mv[src.offset : src.offset + rec.length]))
+        return recs, writes
+
+    def _read_back(self, seg: _Seg, image: memoryview | bytes) -> tuple[list[Record], _Writes]:
+        """The records of a segment found at open: scanned, checked and decoded from the file."""
+        name = os.path.relpath(self._seg_path(seg.no, False), self.path)
+        res: ScanResult = scan(image, name, journal_uuid=self.uuid, tail_allowed=False)
+        recs: list[Record] = []
+        writes: _Writes = []
         for fr in res.frames:
             if fr.meta:  # notes vouch for older segments; a sealed segment needs none
                 continue
             rec = codec_decode(fr.payload, name, fr.offset, copy=False)
             recs.append(rec)
             if isinstance(rec, WriteRecord) and rec.data is not None:
-                data = memoryview(rec.data)
-                first = len(pieces)
-                pos = rec.offset
-                while pos < rec.offset + rec.length:
-                    nxt = min((pos // cs + 1) * cs, rec.offset + rec.length)
-                    pieces.append(data[pos - rec.offset : nxt - rec.offset])
-                    pos = nxt
-                spans.append((first, len(pieces)))
-        # One block-store call per few thousand pieces, not one per record: small writes
-        # would otherwise pay a thread hand-off and an index query each.
-        batches = [pieces[k : k + _SEAL_BATCH] for k in range(0, len(pieces), _SEAL_BATCH)]
-        prepared = [self.store.prepare(b) for b in batches] if compute else None
-        return _SealPrep(seg.no, res.header.first_seq, recs, spans, batches, prepared)
+                writes.append((rec, memoryview(rec.data)))
+        return recs, writes
 
     def _take_prep(self, seg: _Seg) -> _SealPrep:
         """The prep thread's work for ``seg`` if it ran ahead, else the same done here."""
@@ -1609,6 +1643,7 @@ class Journal:
             for ext, refs in zip(seg.inline, new_src, strict=True):
                 ext.src = refs
             seg.inline = []
+            seg.recs = None
             seg.sealed = True
             f, seg.file = seg.file, None
             seg.size = len(payloads) and self._file_size(sealed_path)
