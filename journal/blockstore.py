@@ -75,6 +75,7 @@ class BlockStore:
         pack_target: int = 256 * 1024 * 1024,
         workers: int = 2,
         zstd_level: int = 1,
+        index_batch: int = 1 << 17,
     ) -> None:
         self.folder = folder
         self.storage = storage
@@ -87,8 +88,16 @@ class BlockStore:
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="blockstore")
         self._lock = threading.RLock()
         self._files: dict[int, File] = {}
-        self._pending: dict[bytes, tuple[int, int, int, int]] = {}  # not yet in the index
-        self._pending_sizes: dict[int, int] = {}
+        # Blocks written but not yet in the index: (pack, offset, stored, raw). Lookups check
+        # here first. ``flush`` fsyncs their packs, but indexes them only once
+        # ``index_batch`` have gathered: random 32-byte keys land on random B-tree pages, so a
+        # small commit rewrites nearly as many pages as a big one (measured: 14 µs a row at
+        # 16k rows a commit, 8 µs at 64k). A crash loses nothing: ``recover`` indexes every
+        # entry past a pack's indexed size, and the packs were fsynced.
+        self._pending: dict[bytes, tuple[int, int, int, int]] = {}
+        self._pending_sizes: dict[int, int] = {}  # packs written since the last fsync
+        self._synced_sizes: dict[int, int] = {}  # packs fsynced since the last index commit
+        self.index_batch = index_batch
         # What changed the index since a ``prepare``: a collection (blocks dropped or moved)
         # invalidates its lookups; a flush only adds, and its ids are kept for a few flushes
         # so that ``put_many`` re-checks just those instead of querying SQLite again.
@@ -153,6 +162,10 @@ class BlockStore:
 
     def rebuild_index(self) -> None:
         """Re-derive every block row from the packs (the index's blocks table was dropped)."""
+        self.flush()  # what is not indexed yet is on disk, and the scan below indexes it
+        with self._lock:
+            self._pending.clear()
+            self._synced_sizes.clear()
         for n in self.pack_numbers():
             f = self._file(n)
             rows, end = self._scan(f, PACK_HEADER.size)
@@ -381,30 +394,39 @@ class BlockStore:
         if self._failed is not None:
             raise OSError(self._failed.errno, f"block store stopped after: {self._failed}")
 
-    def flush(self, *, replace: bool = False) -> None:
-        """fsync every pack written since the last flush, then index the new blocks.
+    def flush(self, *, replace: bool = False, index: bool = False) -> None:
+        """fsync every pack written since the last flush; index the new blocks in batches.
 
-        ``replace``: the blocks were moved by a repack, so their new rows replace the old.
+        After it returns, every block put so far is durable. Its index row is written once
+        ``index_batch`` rows have gathered, or now with ``index`` (close, collection).
+        ``replace``: the blocks were moved by a repack, so their new rows replace the old
+        ones, now.
 
         Fail-stop: after a failed fsync the kernel may have dropped the pages, so a retry
         could "succeed" with nothing on disk; every later call raises instead.
         """
         with self._lock:
             self._check()
-            if not self._pending_sizes:
-                return
             try:
                 for n in self._pending_sizes:
                     self._files[n].sync()
             except OSError as e:
                 self._failed = e
                 raise
-            rows = [(bid, *loc) for bid, loc in self._pending.items()]
-            self.index.add_blocks(rows, dict(self._pending_sizes), replace=replace)
-            self._flushes += 1
-            self._flushed.append((self._flushes, frozenset(self._pending)))
-            self._pending.clear()
+            self._synced_sizes.update(self._pending_sizes)
             self._pending_sizes.clear()
+            if not self._synced_sizes:
+                return
+            if replace or index or len(self._pending) >= self.index_batch:
+                self._index_pending(replace=replace)
+
+    def _index_pending(self, *, replace: bool) -> None:
+        rows = [(bid, *loc) for bid, loc in self._pending.items()]
+        self.index.add_blocks(rows, dict(self._synced_sizes), replace=replace)
+        self._flushes += 1
+        self._flushed.append((self._flushes, frozenset(self._pending)))
+        self._pending.clear()
+        self._synced_sizes.clear()
 
     def locate_many(self, ids: Sequence[bytes]) -> dict[bytes, tuple[int, int, int]]:
         """(pack, offset, raw length) of each id the store holds, flushed or not yet.
@@ -581,7 +603,7 @@ class BlockStore:
         Returns (blocks dropped, packs removed).
         """
         with self._lock:
-            self.flush()
+            self.flush(index=True)
             self._collections += 1  # prepared lookups are stale from here on
             by_pack: dict[int, list[tuple[bytes, int, int, int, int]]] = {}
             for r in self.index.all_blocks():
@@ -622,10 +644,11 @@ class BlockStore:
         nums = self.pack_numbers()
         with self._lock:
             size = sum(self._file(n).size() for n in nums)
-        return StoreStats(self.index.block_count(), len(nums), size)
+            pending = len(self._pending)
+        return StoreStats(self.index.block_count() + pending, len(nums), size)
 
     def close(self) -> None:
-        self.flush()
+        self.flush(index=True)
         self._pool.shutdown(wait=True)
         with self._lock:
             for f in self._files.values():
