@@ -359,6 +359,24 @@ def test_failed_conversion_shows_qemu_img_message_and_leaves_nothing(
     assert list(out.iterdir()) == []
 
 
+def _signal_state(sig: int, pid: int | str = "self") -> str:
+    """``ignored``, ``blocked``, or ``default`` (or handled) for ``sig`` in process ``pid``."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    bit = 1 << (sig - 1)
+    if int(fields["SigIgn"], 16) & bit:
+        return "ignored"
+    if int(fields["SigBlk"], 16) & bit:
+        return "blocked"
+    return "default"
+
+
+def _default_signal(sig: int) -> None:
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_conversion_leaves_nothing(
     site: Site, out: Path, fake_bin: Path, sig: int, code: int
@@ -366,13 +384,19 @@ def test_interrupted_conversion_leaves_nothing(
     target = out / "d.vhdx"
     env = {**os.environ, "CDP_CONFIG": "", "PATH": f"{fake_bin}:/usr/bin:/bin",
            "FAKE_DIR": str(fake_bin), "FAKE_MODE": "hang"}  # fmt: skip
+    # A child inherits an ignored or blocked signal, and this test runs after many others
+    # in one pytest process: say so if that is why the signal did nothing (it once exited 0
+    # after the fake's 30 s sleep), and start the CLI as a terminal would, with both default.
+    inherited = _signal_state(sig)
     proc = subprocess.Popen(
         [*CLI, "restore", "disk0", "--at", "latest", "--output", str(target), "--format", "vhdx",
          "--config", str(site.config)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: _default_signal(sig),
     )  # fmt: skip
     try:
         wait_for(lambda: (fake_bin / "started").exists(), "the conversion to start")
+        assert _signal_state(sig, proc.pid) == "default", f"the CLI's {sig!r} is not default"
         assert len(list(out.iterdir())) == 3  # reserved name, hidden raw, hidden target
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=DEADLINE_S)
@@ -380,7 +404,7 @@ def test_interrupted_conversion_leaves_nothing(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == code, err
+    assert proc.returncode == code, f"{err} (pytest's own {sig!r}: {inherited})"
     assert "Traceback" not in err
     assert err.startswith("Error: interrupted" if sig == signal.SIGINT else "Error: terminated")
     assert list(out.iterdir()) == []
