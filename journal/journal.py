@@ -390,20 +390,33 @@ class Journal:
             if res.header.first_seq != expected:
                 f.close()
                 prev_hot = bool(kept) and "hot" in found[kept[-1]]
-                if sealed or not prev_hot or not self._droppable(kept[-1], numbers[i:], found):
+                # A whole segment gone: its name never reached the disk. The folder fsync for
+                # a new segment runs on the roll thread, after appends to it have begun, and
+                # a crash can keep a later name but not that one when none was fsynced.
+                lost = no - 1 not in found and no - 1 > (kept[-1] if kept else 0)
+                broken = no - 1 if lost else kept[-1]
+                if (
+                    sealed
+                    or not (prev_hot or lost)
+                    or not self._droppable(broken, numbers[i:], found)
+                ):
                     raise SegmentCorrupt(
                         name,
                         0,
                         f"first seq {res.header.first_seq}, expected {expected}: "
                         "a segment is missing",
                     )
-                # the previous segment lost its unsynced tail at a frame boundary
+                # the previous segment lost its unsynced tail at a frame boundary, or the
+                # segment after it was lost whole
                 dropped += self._drop_segments(numbers[i:], found)
-                truncated = (
-                    os.path.relpath(self._seg_path(kept[-1], False), self.path),
-                    self.segs[-1].size,
-                    0,
-                )
+                if not lost:
+                    truncated = (
+                        os.path.relpath(self._seg_path(kept[-1], False), self.path),
+                        self.segs[-1].size,
+                        0,
+                    )
+                else:
+                    truncated = (os.path.relpath(self._seg_path(no - 1, False), self.path), 0, 0)
                 break
             if res.torn_at is not None:
                 later = numbers[i + 1 :]

@@ -585,6 +585,64 @@ def test_rolled_segment_loses_its_tail_before_the_roll_fsync(tmp_path, next_seg:
         shutil.rmtree(img.root, ignore_errors=True)
 
 
+def test_a_new_segment_whose_name_was_lost_is_dropped_with_what_follows(tmp_path) -> None:
+    """A new segment's folder fsync runs on the roll thread, after appends to it begin. Power
+    can fail before it, and a filesystem may keep a later segment's name but not that one
+    (the "dirents" crash mode). Then a whole segment is missing: nothing in it or after it
+    was ever synced, so recovery drops what follows; a durability note in a later segment
+    vouching only for older segments is no evidence against that. (Found by the slow sweep,
+    seed 102.)
+    """
+    root = str(tmp_path / "run")
+    fs = FaultyStorage(root, strict_mkdir=False)
+    clock, oracle, rng = ManualClock(), Oracle(), random.Random(8)
+    opts = JournalOptions(segment_size=16 * 1024, pack_target=256 * 1024, hash_workers=1)
+    j = Journal.open(root, storage=fs, clock=clock, options=opts)
+    main = threading.current_thread()
+    hold, held, go_on, release = (threading.Event() for _ in range(4))
+
+    def hold_folder_fsync(kind: str, path: str) -> None:
+        if not hold.is_set() or threading.current_thread() is main:
+            return
+        if kind == "sync":  # segment 1's roll fsync: until segment 3 exists
+            go_on.wait(10)
+        elif kind == "sync_dir":  # segment 2's folder fsync: until the crash
+            held.set()
+            release.wait(10)
+
+    fs.before_op = hold_folder_fsync
+
+    def append(op: tuple) -> None:
+        clock.advance(SEC)
+        want = oracle.expect(op)
+        got = j.add_volume(*op[1:]) if op[0] == "vol" else j.write(*op[1:])
+        assert got == want
+        oracle.returned = got
+
+    append(("vol", "vda", VOLS["vda"]))
+    append(("w", "vda", 0, rng.randbytes(6000)))
+    j.sync()
+    oracle.acked = oracle.attempted
+    hold.set()
+    for k in range(1, 8):  # rolls into segment 2, then 3
+        append(("w", "vda", k * 8192, rng.randbytes(6000)))
+    # Segment 1's roll fsync completes now, so its note ("segments up to 1 are durable")
+    # goes into segment 3; segment 2's folder fsync, queued after it, is held.
+    go_on.set()
+    assert held.wait(10)
+    hot = sorted(p for p in fs.files() if p.endswith(".hot"))
+    assert len(hot) >= 3, hot
+    snap = fs.snapshot()
+    release.set()
+    abandon(j)
+    img = snap.crash_image("process", rng)
+    try:
+        img.remove(os.path.join(img.root, hot[1]))  # segment 2's name never reached the disk
+        check_image(img, oracle, oracle.acked, oracle.attempted, LATER(), rng)
+    finally:
+        shutil.rmtree(img.root, ignore_errors=True)
+
+
 def test_kill9_keeps_every_appended_record(tmp_path) -> None:
     """A process crash (page cache survives) loses nothing that write() returned for."""
     oracle, points, _fs = record_points(str(tmp_path / "run"), 5, 40, strict_mkdir=False)
