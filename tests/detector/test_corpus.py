@@ -28,6 +28,7 @@ def disk(tmp_path: Path):  # type: ignore[no-untyped-def]
         yield d
 
 
+@pytest.mark.slow  # 47 s: the default suite keeps the in-place case below
 def test_ordinary_workloads_do_not_alarm(disk: corpus.Disk) -> None:
     corpus.age(disk)
     for name, work in corpus.ORDINARY.items():
@@ -45,7 +46,14 @@ def test_ordinary_workloads_do_not_alarm(disk: corpus.Disk) -> None:
     assert st["sampled"] > 1000, st  # it did look at the writes
 
 
-@pytest.mark.parametrize("kind", ["in-place", "partial", "slow"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "in-place",
+        pytest.param("partial", marks=pytest.mark.slow),
+        pytest.param("slow", marks=pytest.mark.slow),
+    ],
+)
 def test_encryption_in_place_is_flagged_and_the_clean_point_pinned(
     disk: corpus.Disk, kind: str, tmp_path: Path
 ) -> None:

@@ -164,6 +164,7 @@ def _detector_log(d: Daemon) -> str:
     return "\n".join(lines[-20:])
 
 
+@pytest.mark.slow  # 31 s; the corpus test covers detection, test_guest_recovery the rollback
 def test_guest_in_place_encryption_is_flagged_and_rolled_back(tmp_path: Path) -> None:
     need_tools("qemu-img", "debugfs", "e2fsck")
     kernel = guest_kernel_or_skip()

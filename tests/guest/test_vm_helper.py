@@ -84,6 +84,7 @@ def test_boot_from_raw_file(guest_kernel: GuestKernel, tmp_path: Path) -> None:
     _check_random_file(result.value("out-sha256"), image)
 
 
+@pytest.mark.slow  # the NBD guest tests boot the same way, from our export
 def test_boot_from_qemu_nbd_unix_socket(
     guest_kernel: GuestKernel, tmp_path: Path, short_tmp: Path
 ) -> None:
@@ -98,6 +99,7 @@ def test_boot_from_qemu_nbd_unix_socket(
     _check_random_file(result.value("out-sha256"), image)
 
 
+@pytest.mark.slow
 def test_failing_workload_is_reported(guest_kernel: GuestKernel, tmp_path: Path) -> None:
     image = make_ext4_image(tmp_path / "disk.raw", 16, {}, "echo 'CDP-GUEST: k=v'\nexit 7\n")
 
