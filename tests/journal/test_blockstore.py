@@ -136,3 +136,45 @@ def test_blocks_fsynced_but_not_yet_indexed_survive_a_crash(tmp_path: Path) -> N
     again.flush()
     assert index2.block_count() == 1010
     again.close()
+
+
+def test_small_blocks_that_do_not_compress_are_tried_one_in_a_stride(tmp_path: Path) -> None:
+    """Early abort for 4 KiB blocks: random data costs few zstd calls, text is still caught."""
+    from journal.blockstore import _SMALL_MISSES, _SMALL_STRIDE, CODEC_RAW, CODEC_ZSTD
+
+    store = BlockStore(
+        str(tmp_path / "packs"), OsStorage(), Index(str(tmp_path / "i.db")), b"u" * 16
+    )
+    rng = random.Random(10)
+    noise = [rng.randbytes(4096) for _ in range(64)]
+    text = [(b"block %d of a log file; " % k) * 200 for k in range(64)]
+    text = [t[:4096] for t in text]
+    calls = 0
+    real = store._compressor()
+
+    class Counting:
+        def compress(self, data: bytes | memoryview) -> bytes:
+            nonlocal calls
+            calls += 1
+            return bytes(real.compress(data))
+
+    store._local.c = Counting()
+    out = store._compress_run([*noise, *text, *noise[:8]])
+    codecs = [c for c, _ in out]
+    assert all(c == CODEC_RAW for c in codecs[:64])
+    tried_noise = _SMALL_MISSES + (64 - _SMALL_MISSES + _SMALL_STRIDE - 1) // _SMALL_STRIDE
+    # the first text block is caught within a stride, and every one after it is compressed
+    first = codecs.index(CODEC_ZSTD)
+    assert 64 <= first < 64 + _SMALL_STRIDE
+    assert all(c == CODEC_ZSTD for c in codecs[first:128])
+    assert calls <= tried_noise + 64 + 8
+    assert calls < 64 + 64  # fewer than one per block
+    # what is stored decodes back to the input
+    for (codec, body), raw in zip(out, [*noise, *text, *noise[:8]], strict=True):
+        if codec == CODEC_ZSTD:
+            import zstandard
+
+            assert zstandard.ZstdDecompressor().decompress(body) == raw
+        else:
+            assert bytes(body) == raw
+    store.close()
