@@ -46,7 +46,7 @@ def one_run(path: Path, n: int, seed: int) -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         while j.seal_pending(1):
             pass
-        flush = getattr(j.store, "flush")
+        flush = j.store.flush
         try:  # the block rows too: they are indexed in batches, which a run may not fill
             flush(index=True)
         except TypeError:  # a tree from before batched indexing: its flushes indexed them
