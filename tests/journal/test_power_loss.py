@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
@@ -534,6 +534,29 @@ def test_crash_at_random_points_stops_the_process(tmp_path, seed: int) -> None:
     fails.assert_none()
 
 
+def _appender(j: Journal, clock: ManualClock, oracle: Oracle) -> Callable[[tuple], None]:
+    """``append(op)``: one volume declaration or write, checked against the oracle."""
+
+    def append(op: tuple) -> None:
+        clock.advance(SEC)
+        want = oracle.expect(op)
+        got = j.add_volume(*op[1:]) if op[0] == "vol" else j.write(*op[1:])
+        assert got == want
+        oracle.returned = got
+
+    return append
+
+
+def _start_synced(
+    j: Journal, append: Callable[[tuple], None], oracle: Oracle, rng: random.Random
+) -> None:
+    """A volume and one write, synced: what every later crash must keep."""
+    append(("vol", "vda", VOLS["vda"]))
+    append(("w", "vda", 0, rng.randbytes(6000)))
+    j.sync()
+    oracle.acked = oracle.attempted
+
+
 @pytest.mark.parametrize("next_seg", ["header only", "header and torn frame"])
 def test_rolled_segment_loses_its_tail_before_the_roll_fsync(tmp_path, next_seg: str) -> None:
     """The roll fsync runs on a thread: power can fail before it, after the next segment's
@@ -554,17 +577,8 @@ def test_rolled_segment_loses_its_tail_before_the_roll_fsync(tmp_path, next_seg:
 
     fs.before_op = hold_roll_fsync
 
-    def append(op: tuple) -> None:
-        clock.advance(SEC)
-        want = oracle.expect(op)
-        got = j.add_volume(*op[1:]) if op[0] == "vol" else j.write(*op[1:])
-        assert got == want
-        oracle.returned = got
-
-    append(("vol", "vda", VOLS["vda"]))
-    append(("w", "vda", 0, rng.randbytes(6000)))
-    j.sync()
-    oracle.acked = oracle.attempted
+    append = _appender(j, clock, oracle)
+    _start_synced(j, append, oracle, rng)
     append(("w", "vda", 8192, rng.randbytes(6000)))
     append(("w", "vda", 16384, rng.randbytes(6000)))  # rolls segment 1; its fsync is held
     hot = sorted(p for p in fs.files() if p.endswith(".hot"))
@@ -612,17 +626,8 @@ def test_a_new_segment_whose_name_was_lost_is_dropped_with_what_follows(tmp_path
 
     fs.before_op = hold_folder_fsync
 
-    def append(op: tuple) -> None:
-        clock.advance(SEC)
-        want = oracle.expect(op)
-        got = j.add_volume(*op[1:]) if op[0] == "vol" else j.write(*op[1:])
-        assert got == want
-        oracle.returned = got
-
-    append(("vol", "vda", VOLS["vda"]))
-    append(("w", "vda", 0, rng.randbytes(6000)))
-    j.sync()
-    oracle.acked = oracle.attempted
+    append = _appender(j, clock, oracle)
+    _start_synced(j, append, oracle, rng)
     hold.set()
     for k in range(1, 8):  # rolls into segment 2, then 3
         append(("w", "vda", k * 8192, rng.randbytes(6000)))
