@@ -97,6 +97,9 @@ class BlockStore:
         self._pending: dict[bytes, tuple[int, int, int, int]] = {}
         self._pending_sizes: dict[int, int] = {}  # packs written since the last fsync
         self._synced_sizes: dict[int, int] = {}  # packs fsynced since the last index commit
+        # Packs with a bad entry inside what was fsynced (found by recover): kept whole, since
+        # sealed segments name entries after it by place, and never collected.
+        self.damaged: dict[int, int] = {}  # pack -> offset of the bad entry
         self.index_batch = index_batch
         # What changed the index since a ``prepare``: a collection (blocks dropped or moved)
         # invalidates its lookups; a flush only adds, and its ids are kept for a few flushes
@@ -135,6 +138,7 @@ class BlockStore:
         """
         torn = 0
         sizes = self.index.pack_sizes()
+        synced = self.index.synced_sizes()
         on_disk = self.pack_numbers()
         gone = [n for n in sizes if n not in on_disk]
         if gone:  # the index outlived packs (its commit survived, the removal did not)
@@ -153,7 +157,11 @@ class BlockStore:
                 f.sync()
                 continue
             rows, end = self._scan(f, start)
-            if end < f.size():
+            if end < min(synced.get(n, 0), f.size()):
+                # Not a torn tail: a bad entry inside fsynced data. Truncating would drop every
+                # good entry after it; they stay readable where sealed segments name them.
+                self.damaged[n] = end
+            elif end < f.size():
                 torn += f.size() - end
                 f.truncate(end)
             if rows or indexed is None:
@@ -433,12 +441,15 @@ class BlockStore:
             except OSError as e:
                 self._failed = e
                 raise
-            self._synced_sizes.update(self._pending_sizes)
+            just = dict(self._pending_sizes)
+            self._synced_sizes.update(just)
             self._pending_sizes.clear()
             if not self._synced_sizes:
                 return
             if replace or index or len(self._pending) >= self.index_batch:
                 self._index_pending(replace=replace)
+            elif just:
+                self.index.set_synced(just)  # one small row per pack: what recover may keep
 
     def _index_pending(self, *, replace: bool) -> None:
         rows = [(bid, *loc) for bid, loc in self._pending.items()]
@@ -632,7 +643,7 @@ class BlockStore:
             victims: list[int] = []
             dropped = 0
             for n in self.pack_numbers():
-                if n == cur:
+                if n == cur or n in self.damaged:
                     continue
                 rows = by_pack.get(n, [])
                 keep = [r for r in rows if r[0] in live]

@@ -84,6 +84,11 @@ class Index:
             )
         if "packs" not in db.table_names():
             db.table("packs").create({"pack_no": int, "indexed_size": int}, pk="pack_no")
+        if "pack_synced" not in db.table_names():
+            # How far each pack was fsynced, committed at every flush while its rows wait
+            # to be indexed in a batch: recovery truncates a bad pack tail only past it.
+            # Not a catalog of content, so neither cleared by a rebuild nor dumped.
+            db.table("pack_synced").create({"pack_no": int, "synced_size": int}, pk="pack_no")
 
     # -- meta ---------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -174,6 +179,17 @@ class Index:
             )
             self.db.execute("COMMIT")
 
+    def set_synced(self, sizes: dict[int, int]) -> None:
+        with self._lock:
+            self.db.conn.executemany(
+                "INSERT OR REPLACE INTO pack_synced VALUES (?,?)", list(sizes.items())
+            )
+
+    def synced_sizes(self) -> dict[int, int]:
+        with self._lock:
+            rows = self.db.execute("SELECT pack_no, synced_size FROM pack_synced").fetchall()
+        return {int(r[0]): int(r[1]) for r in rows}
+
     def pack_sizes(self) -> dict[int, int]:
         with self._lock:
             rows = self.db.execute("SELECT pack_no, indexed_size FROM packs").fetchall()
@@ -190,6 +206,9 @@ class Index:
             self.db.execute("BEGIN")
             self.db.conn.executemany("DELETE FROM blocks WHERE pack=?", [(p,) for p in packs])
             self.db.conn.executemany("DELETE FROM packs WHERE pack_no=?", [(p,) for p in packs])
+            self.db.conn.executemany(
+                "DELETE FROM pack_synced WHERE pack_no=?", [(p,) for p in packs]
+            )
             self.db.execute("COMMIT")
 
     def block_count(self) -> int:

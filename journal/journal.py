@@ -298,6 +298,7 @@ class Journal:
             rebuilt,
             pack_torn,
             self.next_seq - 1,
+            tuple(sorted(self.store.damaged.items())),
         )
 
     def _drop_index_files(self, index_path: str) -> None:
@@ -394,7 +395,8 @@ class Journal:
                 # a new segment runs on the roll thread, after appends to it have begun, and
                 # a crash can keep a later name but not that one when none was fsynced.
                 lost = no - 1 not in found and no - 1 > (kept[-1] if kept else 0)
-                broken = no - 1 if lost else kept[-1]
+                # the first missing one: a note vouching for any of them proves damage
+                broken = (kept[-1] + 1 if kept else 0) if lost else kept[-1]
                 if (
                     sealed
                     or not (prev_hot or lost)
@@ -451,6 +453,10 @@ class Journal:
             kept.append(no)
             if res.torn_at is not None:
                 break
+        # The names too: a process killed before its queued folder fsync leaves segments
+        # whose names may not be on disk, and this process is about to vouch for them.
+        if kept:
+            st.sync_dir(self.seg_dir)
         for k, no in enumerate(kept):
             seg = self.segs[k]
             if k == len(kept) - 1 and not seg.sealed:

@@ -148,6 +148,8 @@ class RecoveryReport:
     index_rebuilt: bool = False
     pack_bytes_truncated: int = 0
     last_seq: int = 0  # the last record found at open: what survived the stop or crash
+    # (pack, offset) of a bad entry inside fsynced pack data: kept whole, never collected
+    damaged_packs: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,5 +80,8 @@ def journal_doc(name: str, volumes: list[str], st: JournalStatus) -> dict[str, A
             "truncated_bytes": st.recovery.truncated_bytes,
             "index_rebuilt": st.recovery.index_rebuilt,
             "last_seq": st.recovery.last_seq,
+            "damaged_packs": [
+                f"{p:016x}.pack at byte {off}" for p, off in st.recovery.damaged_packs
+            ],
         },
     }

@@ -34,6 +34,7 @@ exit 0
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 35 s; tests/nbd/test_nbd_restart.py rides a qemu client through by default
 def test_guest_rides_through_kill9_and_restart(tmp_path: Path) -> None:
     kernel = guest_kernel_or_skip()
     image = tmp_path / "disk0.raw"

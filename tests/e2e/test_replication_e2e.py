@@ -152,6 +152,7 @@ def test_replicates_checkpoints_and_restores_at_dr(tmp_path: Path) -> None:
             rcv.stop()
 
 
+@pytest.mark.slow  # 24 s; tests/replication/test_chaos.py restarts each side by default
 def test_kill9_receiver_and_sender_mid_stream(tmp_path: Path) -> None:
     need_qemu_tools()
     rng = random.Random(7)
