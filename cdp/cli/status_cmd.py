@@ -282,6 +282,9 @@ def _recovery(r: Mapping[str, object]) -> str:
         )
     if r.get("index_rebuilt"):
         parts.append("index rebuilt from segments")
+    damaged = r.get("damaged_packs")
+    if isinstance(damaged, list) and damaged:
+        parts.append(f"DAMAGED (kept whole; run cdp verify): {', '.join(map(str, damaged))}")
     return "; ".join(parts) if parts else "clean"
 
 

@@ -408,7 +408,8 @@ REAL_STATUS: dict[str, object] = {
             "history_short": False,
             "alerts": [],
             "recovery": {"truncated_segment": "segments/3.hot", "truncated_at": 4096,
-                         "truncated_bytes": 100, "index_rebuilt": False},
+                         "truncated_bytes": 100, "index_rebuilt": False,
+                         "damaged_packs": ["00000000000000ab.pack at byte 4152"]},
         }
     ],
     "volumes": [
@@ -446,6 +447,7 @@ def test_render_real_status_document() -> None:
     )
     assert any("onboarded:vm1-disk0 (crash) at seq 18" in line for line in lines)
     assert any("torn tail truncated in segments/3.hot at offset 4096" in line for line in lines)
+    assert any("DAMAGED" in line and "00000000000000ab.pack at byte 4152" in line for line in lines)
     assert any("export:vm1-disk0:1 at seq 17" in line for line in lines)
     assert lines[-2:] == [
         "alerts:",
