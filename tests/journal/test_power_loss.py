@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from journal import Journal, JournalOptions, ManualClock
+from journal import Journal, JournalOptions, ManualClock, SegmentCorrupt
 from journal.types import CheckpointRecord, Record, VolumeRecord, WriteRecord, ZeroRecord
 
 from .faulty_storage import MUTATING, FaultyStorage, OpRecord, SimulatedCrash, Snapshot
@@ -644,6 +644,49 @@ def test_a_new_segment_whose_name_was_lost_is_dropped_with_what_follows(tmp_path
     try:
         img.remove(os.path.join(img.root, hot[1]))  # segment 2's name never reached the disk
         check_image(img, oracle, oracle.acked, oracle.attempted, LATER(), rng)
+    finally:
+        shutil.rmtree(img.root, ignore_errors=True)
+
+
+def test_a_note_for_any_missing_segment_proves_damage(tmp_path) -> None:
+    """Two segments gone, and a later one holds a note that the first of them was durable: its
+    folder fsync had run, so losing it is damage, never a torn tail to drop quietly."""
+    root = str(tmp_path / "run")
+    fs = FaultyStorage(root, strict_mkdir=False)
+    clock, oracle, rng = ManualClock(), Oracle(), random.Random(12)
+    opts = JournalOptions(segment_size=16 * 1024, pack_target=256 * 1024, hash_workers=1)
+    j = Journal.open(root, storage=fs, clock=clock, options=opts)
+    main = threading.current_thread()
+    hold, two, three, release = (threading.Event() for _ in range(4))
+
+    def hold_roll_fsyncs(kind: str, path: str) -> None:
+        if not hold.is_set() or kind != "sync" or threading.current_thread() is main:
+            return
+        if path.endswith("000000000002.hot"):
+            two.wait(10)  # segment 2's roll fsync: until segment 4 exists
+        elif path.endswith("000000000003.hot"):
+            three.set()
+            release.wait(10)  # segment 3's: until the crash
+
+    fs.before_op = hold_roll_fsyncs
+    append = _appender(j, clock, oracle)
+    _start_synced(j, append, oracle, rng)
+    hold.set()
+    k = 1
+    while not any(p.endswith("000000000004.hot") for p in fs.files()):
+        append(("w", "vda", k * 8192, rng.randbytes(6000)))
+        k += 1
+    two.set()  # the note "segments up to 2 are durable" goes into segment 4
+    assert three.wait(10)
+    snap = fs.snapshot()
+    release.set()
+    abandon(j)
+    img = snap.crash_image("process", rng)
+    try:
+        for n in (2, 3):
+            img.remove(os.path.join(img.root, f"segments/{n:012d}.hot"))
+        with pytest.raises(SegmentCorrupt, match="a segment is missing"):
+            open_journal(img, ManualClock())
     finally:
         shutil.rmtree(img.root, ignore_errors=True)
 
