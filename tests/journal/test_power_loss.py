@@ -534,6 +534,17 @@ def test_crash_at_random_points_stops_the_process(tmp_path, seed: int) -> None:
     fails.assert_none()
 
 
+def _small_journal(
+    tmp_path, seed: int
+) -> tuple[FaultyStorage, Journal, ManualClock, Oracle, random.Random]:
+    """A journal of 16 KiB segments on simulated storage: a few writes roll it."""
+    root = str(tmp_path / "run")
+    fs = FaultyStorage(root, strict_mkdir=False)
+    clock, oracle, rng = ManualClock(), Oracle(), random.Random(seed)
+    opts = JournalOptions(segment_size=16 * 1024, pack_target=256 * 1024, hash_workers=1)
+    return fs, Journal.open(root, storage=fs, clock=clock, options=opts), clock, oracle, rng
+
+
 def _appender(j: Journal, clock: ManualClock, oracle: Oracle) -> Callable[[tuple], None]:
     """``append(op)``: one volume declaration or write, checked against the oracle."""
 
@@ -607,11 +618,7 @@ def test_a_new_segment_whose_name_was_lost_is_dropped_with_what_follows(tmp_path
     vouching only for older segments is no evidence against that. (Found by the slow sweep,
     seed 102.)
     """
-    root = str(tmp_path / "run")
-    fs = FaultyStorage(root, strict_mkdir=False)
-    clock, oracle, rng = ManualClock(), Oracle(), random.Random(8)
-    opts = JournalOptions(segment_size=16 * 1024, pack_target=256 * 1024, hash_workers=1)
-    j = Journal.open(root, storage=fs, clock=clock, options=opts)
+    fs, j, clock, oracle, rng = _small_journal(tmp_path, 8)
     main = threading.current_thread()
     hold, held, go_on, release = (threading.Event() for _ in range(4))
 
@@ -651,11 +658,7 @@ def test_a_new_segment_whose_name_was_lost_is_dropped_with_what_follows(tmp_path
 def test_a_note_for_any_missing_segment_proves_damage(tmp_path) -> None:
     """Two segments gone, and a later one holds a note that the first of them was durable: its
     folder fsync had run, so losing it is damage, never a torn tail to drop quietly."""
-    root = str(tmp_path / "run")
-    fs = FaultyStorage(root, strict_mkdir=False)
-    clock, oracle, rng = ManualClock(), Oracle(), random.Random(12)
-    opts = JournalOptions(segment_size=16 * 1024, pack_target=256 * 1024, hash_workers=1)
-    j = Journal.open(root, storage=fs, clock=clock, options=opts)
+    fs, j, clock, oracle, rng = _small_journal(tmp_path, 12)
     main = threading.current_thread()
     hold, two, three, release = (threading.Event() for _ in range(4))
 
