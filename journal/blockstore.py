@@ -134,7 +134,8 @@ class BlockStore:
         """Bring the index up to date with the packs; truncate a torn pack tail.
 
         Returns the number of torn bytes dropped. Entries past the indexed size are scanned
-        and indexed (they were fsynced but the index commit was lost in a crash).
+        and indexed (fsynced, and waiting for their batch or lost with the index commit). A
+        bad entry before the pack's fsynced size is damage, not a torn tail (``_end_at``).
         """
         torn = 0
         sizes = self.index.pack_sizes()
@@ -157,13 +158,7 @@ class BlockStore:
                 f.sync()
                 continue
             rows, end = self._scan(f, start)
-            if end < min(synced.get(n, 0), f.size()):
-                # Not a torn tail: a bad entry inside fsynced data. Truncating would drop every
-                # good entry after it; they stay readable where sealed segments name them.
-                self.damaged[n] = end
-            elif end < f.size():
-                torn += f.size() - end
-                f.truncate(end)
+            torn += self._end_at(n, f, end, synced.get(n, 0))
             if rows or indexed is None:
                 self.index.add_blocks(rows, {n: end})
         return torn
@@ -174,12 +169,30 @@ class BlockStore:
         with self._lock:
             self._pending.clear()
             self._synced_sizes.clear()
+            self._collections += 1  # a prepare's lookups of _pending are stale from here on
+        synced = self.index.synced_sizes()  # kept by the rebuild: a fact about the files
         for n in self.pack_numbers():
             f = self._file(n)
             rows, end = self._scan(f, PACK_HEADER.size)
-            if end < f.size():
-                f.truncate(end)
+            self._end_at(n, f, end, synced.get(n, 0))
             self.index.add_blocks(rows, {n: end})
+
+    def _end_at(self, n: int, f: File, end: int, synced: int) -> int:
+        """Where a pack's valid entries end: cut a torn tail there; returns the bytes cut.
+
+        A bad entry before ``synced`` (the fsynced size recorded at the last flush) is not a
+        torn tail but damage: truncating would drop every good entry after it, which stay
+        readable where sealed segments name them. Such a pack is kept whole and never
+        collected.
+        """
+        if end < min(synced, f.size()):
+            self.damaged[n] = end
+            return 0
+        if end < f.size():
+            cut = f.size() - end
+            f.truncate(end)
+            return cut
+        return 0
 
     def _scan(self, f: File, start: int) -> tuple[list[tuple[bytes, int, int, int, int]], int]:
         rows = []

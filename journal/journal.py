@@ -417,8 +417,12 @@ class Journal:
                         self.segs[-1].size,
                         0,
                     )
-                else:
-                    truncated = (os.path.relpath(self._seg_path(no - 1, False), self.path), 0, 0)
+                else:  # the first missing segment
+                    truncated = (
+                        os.path.relpath(self._seg_path(broken or no - 1, False), self.path),
+                        0,
+                        0,
+                    )
                 break
             if res.torn_at is not None:
                 later = numbers[i + 1 :]

@@ -213,4 +213,11 @@ def test_a_bad_entry_inside_fsynced_pack_data_is_not_cut_off_as_a_torn_tail(tmp_
     assert again.collect(set()) == (0, 0)  # a damaged pack is never collected
     assert pack.exists()
 
+    # nor cut by a rebuild of the index (the index was found damaged and dropped)
+    again.index.clear()
+    again.damaged.clear()
+    again.rebuild_index()
+    assert pack.stat().st_size == size
+    assert again.damaged == {refs[2].pack: refs[2].pack_offset}
+
     again.close()
