@@ -31,6 +31,7 @@ import msgpack
 
 from cdp.detector import DetectorConfig, GroupDetector, Observed
 from cdp.detector_feed import Gap, Ring, RingReader
+from cdp.gc_policy import GcPolicy
 from journal import Record, WriteRecord, ZeroRecord
 
 FRAME_LEN = struct.Struct("<I")
@@ -100,7 +101,11 @@ def decode_records(rows: list[list[Any]]) -> list[Record]:
 class Worker:
     """One group's detector, fed from the ring, asking the daemon over the channel."""
 
-    def __init__(self, ring: Ring, inp: BinaryIO, out: BinaryIO, hello: dict[str, Any]) -> None:
+    def __init__(
+        self, ring: Ring, inp: BinaryIO, out: BinaryIO, hello: dict[str, Any],
+        gc_policy: GcPolicy | None = None,
+    ) -> None:  # fmt: skip
+        self.gc = gc_policy
         self.reader = RingReader(ring)
         self.inp, self.out = inp, out
         self.pos = int(hello["after"])
@@ -126,6 +131,8 @@ class Worker:
 
     def run(self) -> None:
         while True:
+            if self.gc is not None:
+                self.gc.tick(self.pos)
             items = self.reader.take()
             if not items:
                 self._stats(force=False)
@@ -184,7 +191,9 @@ def main(argv: list[str]) -> int:
     sys.stdout = sys.stderr  # nothing else may write on the channel
     try:
         hello = recv(inp)
-        Worker(Ring(fd, capacity), inp, out, hello).run()
+        policy = GcPolicy()  # the window's events and the class pages are long-lived
+        policy.install()
+        Worker(Ring(fd, capacity), inp, out, hello, policy).run()
     except (ChannelClosed, BrokenPipeError, KeyboardInterrupt):
         return 0
     return 0

@@ -23,6 +23,7 @@ from cdp.config import Config, ReceiverConfig
 from cdp.daemon.quarantine import mark_replicated_anomaly
 from cdp.daemon.site import journal_doc
 from cdp.daemon.snapshots import grid_enabled, snapshot_round
+from cdp.gc_policy import GcPolicy
 from cdp.sockpath import prepare_socket_path, remove_socket
 from journal import JournalOptions, Record, wall_clock
 from journal.clock import Clock
@@ -63,6 +64,7 @@ class ReceiverService:
         clock: Clock = wall_clock,
         journal_options: JournalOptions | None = None,
         retention_interval_s: float = 60.0,
+        gc_policy: GcPolicy | None = None,
     ) -> None:
         assert config.receiver is not None
         self.config = config
@@ -80,6 +82,7 @@ class ReceiverService:
         )
         self.receiver.on_applied = self._on_applied
         self.ready = asyncio.Event()
+        self.gc = gc_policy  # None: leave the collector alone (in-process tests)
 
     def _on_applied(self, g: ReplicaGroup, recs: list[Record]) -> None:
         """The primary's anomaly checkpoints pin the same clean point here, locked."""
@@ -155,6 +158,8 @@ class ReceiverService:
         from cdp.daemon.api import ApiServer
 
         self.started_ns = self._clock()
+        if self.gc is not None:
+            self.gc.install()
         await asyncio.to_thread(self.receiver.open)
         runner = web.AppRunner(self.receiver.make_app(), access_log=None)
         api = ApiServer(self, self.rc.api)
@@ -167,6 +172,8 @@ class ReceiverService:
                     tg.create_task(self._sealer(stop), name="replica-sealer")
                     tg.create_task(self._retention(stop), name="replica-retention")
                     tg.create_task(self._snapshots(stop), name="replica-snapshots")
+                    if self.gc is not None:
+                        tg.create_task(self.gc.run(stop, self._appended), name="gc")
                     self.ready.set()
                     log.info(
                         "receiver ready",
@@ -195,6 +202,10 @@ class ReceiverService:
             site = web.TCPSite(runner, a.host, a.port, ssl_context=ctx)
         await site.start()
         log.info("receiver listening", extra={"address": str(a), "tls": ctx is not None})
+
+    def _appended(self) -> int:
+        """Grows with every record applied to a replica journal (for ``GcPolicy``)."""
+        return sum(int(g.journal.next_seq) for g in list(self.receiver.groups.values()))
 
     async def _sealer(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -247,4 +258,6 @@ def run_receiver(
     """Entry point for ``cdp replica serve``: SIGTERM/SIGINT stop it; returns the exit code."""
     from cdp.daemon.service import run_until_signal
 
-    return run_until_signal(config, lambda stop: ReceiverService(config).run(stop), loop_factory)
+    return run_until_signal(
+        config, lambda stop: ReceiverService(config, gc_policy=GcPolicy()).run(stop), loop_factory
+    )

@@ -29,6 +29,7 @@ from cdp.daemon.replication import make_senders, make_targets, replica_alerts
 from cdp.daemon.site import journal_doc
 from cdp.daemon.snapshots import grid_enabled, snapshot_round
 from cdp.detector import DetectorConfig
+from cdp.gc_policy import GcPolicy
 from cdp.nbd.export import Export, ExportSet
 from cdp.nbd.server import NbdServer, server_tls_context
 from journal import (
@@ -88,6 +89,7 @@ class Daemon:
         journal_options: JournalOptions | None = None,
         retention_interval_s: float = 60.0,
         snapshot_interval_s: float = 30.0,
+        gc_policy: GcPolicy | None = None,
     ) -> None:
         self.config = config
         self.snapshot_interval_s = snapshot_interval_s
@@ -102,6 +104,7 @@ class Daemon:
         self.nbd_servers: list[NbdServer] = []
         self.senders: dict[tuple[str, str], Sender] = {}
         self.read_only = False
+        self.gc = gc_policy  # None: leave the collector alone (in-process tests)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -109,6 +112,8 @@ class Daemon:
         from cdp.daemon.api import ApiServer  # the API module imports this one
 
         self.started_ns = self.clock()
+        if self.gc is not None:
+            self.gc.install()
         targets = make_targets(self.config)
         await asyncio.to_thread(self._open_journals)
         self.senders = make_senders(
@@ -131,6 +136,8 @@ class Daemon:
                         tg.create_task(self._capture(v, stop), name=f"capture:{v.config.name}")
                     for (gname, rname), snd in self.senders.items():
                         tg.create_task(snd.run(stop), name=f"replicate:{gname}:{rname}")
+                    if self.gc is not None:
+                        tg.create_task(self.gc.run(stop, self._appended), name="gc")
                     self.ready.set()
                     log.info(
                         "daemon ready",
@@ -320,6 +327,10 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await _first(stop.wait(), g.sealer_wakeup.wait())
+
+    def _appended(self) -> int:
+        """Grows with every record appended to any group's journal (for ``GcPolicy``)."""
+        return sum(int(g.journal.next_seq) for g in self.groups.values())
 
     def _guest_writes(self, g: Group) -> int:
         return sum(
@@ -637,7 +648,9 @@ def run_daemon(
     config: Config, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
 ) -> int:
     """Entry point for ``cdp daemon``: signals set the stop event; returns the exit code."""
-    return run_until_signal(config, lambda stop: Daemon(config).run(stop), loop_factory)
+    return run_until_signal(
+        config, lambda stop: Daemon(config, gc_policy=GcPolicy()).run(stop), loop_factory
+    )
 
 
 def run_until_signal(
