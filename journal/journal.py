@@ -725,19 +725,23 @@ class Journal:
             payloads: list[list[bytes | memoryview]] = []
             ends: list[int] = []  # payload lengths
             total = 0
+            header = codec.encode_write_header
             for k, (off, data, length, trim) in enumerate(ops):
-                s = Seq(seq0 + k)
+                s = seq0 + k  # a Seq (NewType is only for the type checker)
                 if data is None:
-                    rec: Record = ZeroRecord(s, ts, volume, off, length, trim, wall)
-                    payloads.append([codec.encode(rec)])
+                    rec: Record = ZeroRecord(Seq(s), ts, volume, off, length, trim, wall)
+                    body = codec.encode(rec)
+                    payloads.append([body])
+                    end = len(body)
                 else:
                     n = len(data)
-                    head = codec.encode_write_header(s, ts, wall, volume, off, n)
+                    head = header(s, ts, wall, volume, off, n)
                     payloads.append([head, data])
-                    rec = WriteRecord(s, ts, volume, off, n, b"", (), wall)
+                    rec = WriteRecord(Seq(s), ts, volume, off, n, b"", (), wall)
+                    end = len(head) + n
                 recs.append(rec)
-                ends.append(sum(len(p) for p in payloads[-1]))
-                total += ends[-1] + 24
+                ends.append(end)
+                total += end + 24
             w = self._writer
             if w is None or w.size() + total > self.opts.segment_size:
                 for rec, parts in zip(recs, payloads, strict=True):
@@ -745,7 +749,7 @@ class Journal:
                 self._tap_out(recs, ops)
                 return Seq(self.next_seq - 1)
             try:
-                offsets = w.append_many(payloads)
+                offsets = w.append_many(payloads, ends)
             except OSError as e:
                 self._failed = StorageError("append to", self.seg_dir, e)
                 raise self._failed from e

@@ -31,6 +31,7 @@ VERSION = 1
 FLAG_SEALED = 1
 HEADER = struct.Struct("<8sHHIQQ16sQ")
 FRAME = struct.Struct("<IIQQ")
+_FRAME16 = struct.Struct("<IIQ")  # a frame header without its checksum
 HEADER_SIZE = HEADER.size  # 56
 FRAME_SIZE = FRAME.size  # 24
 MAX_FRAME = 80 * 1024 * 1024
@@ -278,22 +279,26 @@ class SegmentWriter:
         self.file.append([head16, csum.to_bytes(8, "little"), payload])
         self._prev = csum
 
-    def append_many(self, payloads: Sequence[Sequence[bytes | memoryview]]) -> list[int]:
+    def append_many(
+        self, payloads: Sequence[Sequence[bytes | memoryview]], lengths: Sequence[int]
+    ) -> list[int]:
         """Frame several records and write them with one writev; returns payload offsets.
 
-        Nothing is committed to the chain until the write returns, so a failed write leaves
-        the writer as it was (the journal then stops and recovery truncates the torn tail).
+        ``lengths`` are the payloads' sizes, which the caller knows already (summing the
+        parts again cost the capture path a generator per record). Nothing is committed to
+        the chain until the write returns, so a failed write leaves the writer as it was
+        (the journal then stops and recovery truncates the torn tail).
         """
         pos = self.file.size()
         prev = self._prev
         parts: list[bytes | memoryview] = []
         offsets = []
-        for payload in payloads:
-            length = sum(len(p) for p in payload)
+        synced, seed, pack = self.synced_upto, self._seed, _FRAME16.pack
+        for payload, length in zip(payloads, lengths, strict=True):
             if length > MAX_FRAME:
                 raise ValueError(f"record of {length} bytes exceeds the frame limit")
-            head16 = struct.pack("<IIQ", length, self.synced_upto, prev)
-            prev = frame_checksum(self._seed, pos, head16, payload)
+            head16 = pack(length, synced, prev)
+            prev = frame_checksum(seed, pos, head16, payload)
             parts.append(head16)
             parts.append(prev.to_bytes(8, "little"))
             parts.extend(payload)
