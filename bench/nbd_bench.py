@@ -39,6 +39,9 @@ JOBS = [
     ),
 ]
 SIZE = "1G"
+# The daemon runs from this script's checkout: ``python -m`` puts the working directory
+# first on sys.path, ahead of PYTHONPATH, so an A/B must run each checkout's own script.
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def fio(uri: str, args: list[str], runtime: int) -> dict:  # type: ignore[type-arg]
@@ -183,7 +186,13 @@ def main() -> int:
             [sys.executable, "-m", "cdp", "daemon", "--config", str(cfg)],
             stdout=subprocess.DEVNULL,
             stderr=log,
+            cwd=ROOT,
         )
+    where = subprocess.run(
+        [sys.executable, "-c", "import cdp, journal; print(cdp.__file__, journal.__file__)"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    print(f"daemon code: {' '.join(str(Path(w).parent) for w in where)}")
     peer = subprocess.Popen(
         [
             "qemu-nbd",
