@@ -105,7 +105,7 @@ class Worker:
         self, ring: Ring, inp: BinaryIO, out: BinaryIO, hello: dict[str, Any],
         gc_policy: GcPolicy | None = None,
     ) -> None:  # fmt: skip
-        self.gc = gc_policy
+        self.gc_policy = gc_policy
         self.reader = RingReader(ring)
         self.inp, self.out = inp, out
         self.pos = int(hello["after"])
@@ -131,8 +131,8 @@ class Worker:
 
     def run(self) -> None:
         while True:
-            if self.gc is not None:
-                self.gc.tick(self.pos)
+            if self.gc_policy is not None:
+                self.gc_policy.tick(self.pos)
             items = self.reader.take()
             if not items:
                 self._stats(force=False)

@@ -1962,7 +1962,9 @@ class Journal:
 
 
 # ---------------------------------------------------------------------- helpers
-# (offset, data or None for zeroes, length, trim): one op of Journal.write_many
+# (offset, data, length, trim), one op of Journal.write_many: data is bytes or a flat byte
+# memoryview (its len() is its size in bytes: write_many frames by it), or None for
+# zeroes of ``length`` bytes
 WriteOp = tuple[int, "bytes | memoryview | None", int, bool]
 Tap = Callable[[list[Record], Sequence[WriteOp]], None]
 # build(seq, ts, wall) -> (record, payload parts): the record is made under the append lock

@@ -82,7 +82,7 @@ class ReceiverService:
         )
         self.receiver.on_applied = self._on_applied
         self.ready = asyncio.Event()
-        self.gc = gc_policy  # None: leave the collector alone (in-process tests)
+        self.gc_policy = gc_policy  # None: leave the collector alone (in-process tests)
 
     def _on_applied(self, g: ReplicaGroup, recs: list[Record]) -> None:
         """The primary's anomaly checkpoints pin the same clean point here, locked."""
@@ -158,8 +158,8 @@ class ReceiverService:
         from cdp.daemon.api import ApiServer
 
         self.started_ns = self._clock()
-        if self.gc is not None:
-            self.gc.install()
+        if self.gc_policy is not None:
+            self.gc_policy.install()
         await asyncio.to_thread(self.receiver.open)
         runner = web.AppRunner(self.receiver.make_app(), access_log=None)
         api = ApiServer(self, self.rc.api)
@@ -172,8 +172,8 @@ class ReceiverService:
                     tg.create_task(self._sealer(stop), name="replica-sealer")
                     tg.create_task(self._retention(stop), name="replica-retention")
                     tg.create_task(self._snapshots(stop), name="replica-snapshots")
-                    if self.gc is not None:
-                        tg.create_task(self.gc.run(stop, self._appended), name="gc")
+                    if self.gc_policy is not None:
+                        tg.create_task(self.gc_policy.run(stop, self._activity), name="gc")
                     self.ready.set()
                     log.info(
                         "receiver ready",
@@ -203,7 +203,7 @@ class ReceiverService:
         await site.start()
         log.info("receiver listening", extra={"address": str(a), "tls": ctx is not None})
 
-    def _appended(self) -> int:
+    def _activity(self) -> int:
         """Grows with every record applied to a replica journal (for ``GcPolicy``)."""
         return sum(int(g.journal.next_seq) for g in list(self.receiver.groups.values()))
 

@@ -104,7 +104,7 @@ class Daemon:
         self.nbd_servers: list[NbdServer] = []
         self.senders: dict[tuple[str, str], Sender] = {}
         self.read_only = False
-        self.gc = gc_policy  # None: leave the collector alone (in-process tests)
+        self.gc_policy = gc_policy  # None: leave the collector alone (in-process tests)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, stop: asyncio.Event) -> None:
@@ -112,8 +112,8 @@ class Daemon:
         from cdp.daemon.api import ApiServer  # the API module imports this one
 
         self.started_ns = self.clock()
-        if self.gc is not None:
-            self.gc.install()
+        if self.gc_policy is not None:
+            self.gc_policy.install()
         targets = make_targets(self.config)
         await asyncio.to_thread(self._open_journals)
         self.senders = make_senders(
@@ -136,8 +136,8 @@ class Daemon:
                         tg.create_task(self._capture(v, stop), name=f"capture:{v.config.name}")
                     for (gname, rname), snd in self.senders.items():
                         tg.create_task(snd.run(stop), name=f"replicate:{gname}:{rname}")
-                    if self.gc is not None:
-                        tg.create_task(self.gc.run(stop, self._appended), name="gc")
+                    if self.gc_policy is not None:
+                        tg.create_task(self.gc_policy.run(stop, self._activity), name="gc")
                     self.ready.set()
                     log.info(
                         "daemon ready",
@@ -328,9 +328,10 @@ class Daemon:
                 async with asyncio.timeout(1.0):
                     await _first(stop.wait(), g.sealer_wakeup.wait())
 
-    def _appended(self) -> int:
-        """Grows with every record appended to any group's journal (for ``GcPolicy``)."""
-        return sum(int(g.journal.next_seq) for g in self.groups.values())
+    def _activity(self) -> int:
+        """Grows with every record appended and every guest read (for ``GcPolicy``)."""
+        appended = sum(int(g.journal.next_seq) for g in self.groups.values())
+        return appended + sum(v.export.stats.reads for v in self.volumes.values() if v.export)
 
     def _guest_writes(self, g: Group) -> int:
         return sum(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import weakref
+from collections.abc import Iterator
 
 import pytest
 
@@ -69,7 +71,7 @@ def test_survivors_are_frozen_once_per_interval() -> None:
     for k in range(10):  # busy: activity grows at every tick
         clock.t += 0.25
         p.tick(k)
-    assert rec.calls == ["freeze"] * 2  # at +1.0 and +2.0 of the 2.5 s
+    assert rec.calls == ["collect1", "freeze"] * 2  # at +1.0 and +2.0 of the 2.5 s
 
 
 def test_no_full_collection_while_writes_go_on_until_the_maximum() -> None:
@@ -115,7 +117,7 @@ def test_a_write_resets_the_idle_clock() -> None:
 
 async def test_run_ticks_until_stopped() -> None:
     p, rec, _ = policy(freeze_every_s=0.01)
-    p.clock = __import__("time").monotonic  # real time for the loop's waits
+    p.clock = time.monotonic  # real time for the loop's waits
     p.install()
     stop = asyncio.Event()
     task = asyncio.create_task(p.run(stop, lambda: 1))
@@ -123,6 +125,7 @@ async def test_run_ticks_until_stopped() -> None:
     stop.set()
     await asyncio.wait_for(task, 2)
     assert rec.calls.count("freeze") >= 3
+    assert rec.calls.count("collect1") == rec.calls.count("freeze") - 1  # install: no collect
 
 
 class Node:
@@ -131,14 +134,15 @@ class Node:
 
 
 @pytest.fixture
-def real_gc() -> object:
+def real_gc() -> Iterator[None]:
     threshold = gc.get_threshold()
-    yield gc
+    yield
     gc.unfreeze()
     gc.set_threshold(*threshold)
 
 
-def test_a_frozen_garbage_cycle_is_freed_by_the_next_thaw(real_gc: object) -> None:
+@pytest.mark.usefixtures("real_gc")
+def test_a_frozen_garbage_cycle_is_freed_by_the_next_thaw() -> None:
     a, b = Node(), Node()
     a.other, b.other = b, a  # a cycle: refcounting alone never frees it
     gone = weakref.ref(a)
@@ -154,3 +158,42 @@ def test_a_frozen_garbage_cycle_is_freed_by_the_next_thaw(real_gc: object) -> No
     assert p.thaws == 1
     assert gone() is None
     assert p.last_thaw_found >= 2
+
+
+@pytest.mark.usefixtures("real_gc")
+def test_a_cycle_made_between_freezes_is_freed_before_the_next_freeze() -> None:
+    clock = Clock()
+    p = GcPolicy(clock=clock, freeze_every_s=1.0)
+    p.install()
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gone = weakref.ref(a)
+    del a, b
+    clock.t += 1.0
+    p.tick(1)  # the periodic freeze: young generations collected first
+    assert gone() is None
+
+
+def test_a_failing_tick_does_not_stop_the_task(caplog: pytest.LogCaptureFixture) -> None:
+    p, _, _ = policy(freeze_every_s=0.01)
+    p.clock = time.monotonic
+    p.install()
+    calls = 0
+
+    def activity() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return calls
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(p.run(stop, activity))
+        await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.wait_for(task, 2)
+
+    asyncio.run(go())
+    assert calls > 2
+    assert "garbage collector policy failed" in caplog.text
