@@ -7,8 +7,8 @@ writes the daemon holds a million tracked objects. CPython's collector runs a fu
 collection walks every tracked object: at a million objects that stalled the event loop,
 which is every guest's I/O, for 137-198 ms, and it grows with the journal window. The young
 collections that promote those objects cost CPU on top. `bench/gc_cost.py` measures both:
-18.0 µs of CPU per 4 KiB ``write_many`` record with the defaults, 15.0 with this policy,
-longest pause 158 ms against 9 ms.
+15.8 µs of CPU per 4 KiB ``write_many`` record with the defaults, 14.2 with this policy,
+longest pause 179 ms against 12 ms (docs/benchmarks.md).
 
 Those objects never form reference cycles (refcounting frees them), so walking them finds
 nothing. The policy, after Instagram's use of ``gc.freeze``:
@@ -61,7 +61,7 @@ class GcPolicy:
     """One process's collector settings and its periodic freeze and thaw."""
 
     young: int = 50_000
-    freeze_every_s: float = 1.0
+    freeze_every_s: float = 0.25
     thaw_idle_s: float = 30.0
     thaw_every_s: float = 600.0
     thaw_max_s: float = 6 * 3600.0
