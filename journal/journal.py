@@ -1531,8 +1531,12 @@ class Journal:
     def seal_pending(self, max_segments: int = 1) -> int:
         """Move the data of rolled hot segments into the block store; returns segments sealed.
 
-        Safe to call from a worker thread while appends continue.
+        Safe to call from a worker thread while appends continue. A segment becomes
+        sealable once its roll fsync is done (in the roll thread): the rolls queued before
+        this call are waited for first, so a caller that just filled a segment finds it here
+        however busy the disk is.
         """
+        self._wait_rolls(list(self._rolls))
         done = 0
         with self._maint_lock:
             while done < max_segments:
