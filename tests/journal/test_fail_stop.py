@@ -17,10 +17,12 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from journal import Journal, JournalClosed, JournalError, JournalOptions, ManualClock
+from journal.storage import OsFile, OsStorage
 
 from .faulty_storage import FaultyStorage
 from .test_power_loss import LATER, OPTS, SEC, Oracle, abandon, check_image
@@ -271,3 +273,33 @@ def test_eio_on_pack_fsync_then_retry_loses_nothing(tmp_path) -> None:
     with contextlib.suppress(JournalError, OSError):
         rig.j.seal_pending(100)  # what a background sealer loop would do next
     rig.power_loss_then_check()
+
+
+class _SlowHotSync(OsFile):
+    """A hot segment whose fdatasync takes a while, as on a disk busy with writeback."""
+
+    def sync(self) -> None:
+        time.sleep(0.3)
+        super().sync()
+
+
+class _SlowHotStorage(OsStorage):
+    def open(self, path: str, *, create: bool = False) -> OsFile:
+        f = super().open(path, create=create)
+        if path.endswith(".hot"):
+            fd, f._fd = f._fd, -1  # hand the descriptor over to the slow kind
+            return _SlowHotSync(path, fd)
+        return f
+
+
+def test_seal_pending_finds_a_segment_whose_roll_is_still_fsyncing(tmp_path: Path) -> None:
+    """A roll fsyncs in the roll thread; sealing right after the write that rolled used to
+    find nothing (test_snapshots failed so under CI load). It now waits for that roll."""
+    opts = JournalOptions(segment_size=64 * 1024)
+    j = Journal.open(str(tmp_path / "j"), storage=_SlowHotStorage(), options=opts)
+    j.add_volume("v", 1 << 20)
+    for k in range(20):  # 80 KiB: the first segment rolls
+        j.write("v", k * 4096, bytes([k + 1]) * 4096)
+    assert j.seal_pending(10) >= 1
+    assert j.read("v", 0, 4096) == b"\1" * 4096
+    j.close()
