@@ -335,7 +335,11 @@ class BlockStore:
             if collections != self._collections or len(since) != self._flushes - flushes:
                 return self._triage(p.ids)  # a collection ran, or too many flushes to tell
             known = dict(p.known)
-            ask: list[bytes] = [b for b in p.ids if b not in known and any(b in f for f in since)]
+            ask: list[bytes] = (
+                [b for b in p.ids if b not in known and any(b in f for f in since)]
+                if since  # usually none: blocks are indexed every index_batch rows
+                else []
+            )
             if ask:
                 known.update(self.index.lookup_blocks(ask))
             new: dict[bytes, int] = {}

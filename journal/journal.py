@@ -1657,15 +1657,15 @@ class Journal:
         payloads: list[bytes] = []
         new_src: list[tuple[BlockRef, ...]] = []
         it = iter(spans)
+        encode, sealed = codec.encode, codec.encode_sealed_write
         for rec in recs:
             if isinstance(rec, WriteRecord) and rec.data is not None:
                 a0, a1 = next(it)
                 refs = tuple(refs_all[a0:a1])
                 new_src.append(refs)
-                rec = WriteRecord(
-                    rec.seq, rec.ts, rec.volume, rec.offset, rec.length, None, refs, rec.wall
-                )
-            payloads.append(codec.encode(rec))
+                payloads.append(sealed(rec, refs))
+            else:
+                payloads.append(encode(rec))
         self.store.flush()  # blocks durable before anything references them
         header = SegmentHeader(seg.no, prep.first_seq, self.uuid, True)
         sealed_path = self._seg_path(seg.no, True)

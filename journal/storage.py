@@ -74,7 +74,7 @@ class OsFile:
         start = self._size
         for i in range(0, len(parts), _IOV_MAX):
             group = parts[i : i + _IOV_MAX]
-            total = sum(len(p) for p in group)
+            total = sum(map(len, group))
             written = os.writev(self._fd, group)
             if written < total:  # short writes are legal; finish the rest
                 flat = b"".join(bytes(p) for p in group)[written:]

@@ -150,7 +150,7 @@ class NbdConnection(asyncio.Protocol):
     def _send(self, *parts: bytes | memoryview) -> None:
         if self._out is not None:
             self._out.extend(parts)  # sent at the end of the batch, after the journal append
-            self._out_bytes += sum(len(p) for p in parts)
+            self._out_bytes += sum(map(len, parts))
         elif self.transport is not None and self.phase != _PHASE_CLOSED:
             self.transport.writelines(parts)
 
