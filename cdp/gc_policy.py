@@ -68,6 +68,8 @@ class GcPolicy:
     collector: Collector = field(default=gc)
     clock: Callable[[], float] = time.monotonic
     thaws: int = field(default=0, init=False)
+    thaws_under_load: int = field(default=0, init=False)  # at thaw_max_s, guests writing
+    last_thaw_at: float | None = field(default=None, init=False)  # on ``clock``
     last_thaw_found: int = field(default=0, init=False)  # what the last full pass freed
     last_thaw_ms: float = field(default=0.0, init=False)
     _frozen_at: float = field(default=0.0, init=False, repr=False)
@@ -105,12 +107,27 @@ class GcPolicy:
         self.collector.freeze()
         self.last_thaw_ms = (time.perf_counter() - t0) * 1e3
         self.last_thaw_found, self.thaws = found, self.thaws + 1
-        self._thawed_at = self._frozen_at = now
+        self.thaws_under_load += under_load
+        self._thawed_at = self._frozen_at = self.last_thaw_at = now
         log.log(
             logging.WARNING if under_load else logging.INFO,
             "full garbage collection" + (" under load" if under_load else ""),
             extra={"objects": frozen, "freed": found, "pause_ms": round(self.last_thaw_ms, 1)},
         )
+
+    def status(self) -> dict[str, object]:
+        """For ``GET /v1/status``: a full pass under load pauses guest I/O, so an admin
+        who sees ``thaws_under_load`` grow, or a long ``last_thaw_ms``, knows why I/O
+        stalled then (each thaw is also logged)."""
+        age = None if self.last_thaw_at is None else round(self.clock() - self.last_thaw_at, 1)
+        return {
+            "frozen_objects": self.collector.get_freeze_count(),
+            "thaws": self.thaws,
+            "thaws_under_load": self.thaws_under_load,
+            "last_thaw_age_s": age,
+            "last_thaw_ms": round(self.last_thaw_ms, 1),
+            "last_thaw_freed": self.last_thaw_found,
+        }
 
     async def run(self, stop: asyncio.Event, activity: Callable[[], int]) -> None:
         """``tick`` every ``freeze_every_s`` until ``stop`` (a task of the service)."""

@@ -80,7 +80,19 @@ def _daemon_line(d: Mapping[str, object]) -> str:
         parts.append(f"version {_cell(d['version'])}")
     if "started_ns" in d:
         parts.append(f"started {_scan_time(d['started_ns'])}")
-    parts += [f"{k} {_cell(v)}" for k, v in d.items() if k not in ("pid", "version", "started_ns")]
+    known = ("pid", "version", "started_ns", "gc")
+    parts += [f"{k} {_cell(v)}" for k, v in d.items() if k not in known]
+    gc = d.get("gc")
+    if isinstance(gc, Mapping):
+        thaw = f"{_cell(gc.get('thaws'))} full collections"
+        if gc.get("thaws_under_load"):
+            thaw += f" ({_cell(gc.get('thaws_under_load'))} under load)"
+        if gc.get("last_thaw_age_s") is not None:
+            thaw += (
+                f", the last {_cell(gc.get('last_thaw_age_s'))} s ago "
+                f"(paused {_cell(gc.get('last_thaw_ms'))} ms)"
+            )
+        parts.append(f"collector: {_cell(gc.get('frozen_objects'))} objects frozen, {thaw}")
     return "daemon: " + ", ".join(parts)
 
 

@@ -141,6 +141,7 @@ class ReceiverService:
                 "version": VERSION,
                 "started_ns": self.started_ns,
                 "role": "replica",
+                "gc": None if self.gc_policy is None else self.gc_policy.status(),
             },
             "receiver": {
                 "listen": str(self.rc.listen),

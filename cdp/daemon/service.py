@@ -624,7 +624,12 @@ class Daemon:
                 }
             )
         return {
-            "daemon": {"pid": os.getpid(), "version": VERSION, "started_ns": self.started_ns},
+            "daemon": {
+                "pid": os.getpid(),
+                "version": VERSION,
+                "started_ns": self.started_ns,
+                "gc": None if self.gc_policy is None else self.gc_policy.status(),
+            },
             "groups": groups,
             "volumes": volumes,
             "alerts": alerts,

@@ -391,7 +391,11 @@ async def test_download_without_daemon_is_unavailable(short_dir: Path) -> None:
 
 # The shape the daemon answers (cdp/daemon/service.py), trimmed to one volume and group.
 REAL_STATUS: dict[str, object] = {
-    "daemon": {"pid": 4242, "version": "0.1.0", "started_ns": 1_795_403_700_123_456_789},
+    "daemon": {
+        "pid": 4242, "version": "0.1.0", "started_ns": 1_795_403_700_123_456_789,
+        "gc": {"frozen_objects": 912_004, "thaws": 3, "thaws_under_load": 1,
+               "last_thaw_age_s": 41.5, "last_thaw_ms": 88.2, "last_thaw_freed": 17},
+    },
     "groups": [
         {
             "name": "vm1",
@@ -431,7 +435,10 @@ REAL_STATUS: dict[str, object] = {
 def test_render_real_status_document() -> None:
     text = render_status(REAL_STATUS)
     lines = text.splitlines()
-    assert lines[0] == "daemon: pid 4242, version 0.1.0, started 2026-11-23T03:15:00Z"
+    assert lines[0] == (
+        "daemon: pid 4242, version 0.1.0, started 2026-11-23T03:15:00Z, collector: 912004 "
+        "objects frozen, 3 full collections (1 under load), the last 41.5 s ago (paused 88.2 ms)"
+    )
     header = next(line for line in lines if "NAME" in line)
     assert header.split() == [
         "NAME", "GROUP", "SIZE", "SOURCE", "CAPTURE", "LAST", "SCAN", "ONBOARDING",

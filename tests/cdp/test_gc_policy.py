@@ -197,3 +197,25 @@ def test_a_failing_tick_does_not_stop_the_task(caplog: pytest.LogCaptureFixture)
     asyncio.run(go())
     assert calls > 2
     assert "garbage collector policy failed" in caplog.text
+
+
+def test_status_counts_thaws_and_those_under_load() -> None:
+    p, _, clock = policy(freeze_every_s=1.0, thaw_idle_s=30, thaw_every_s=600, thaw_max_s=3600)
+    p.install()
+    assert p.status() == {
+        "frozen_objects": 1000,
+        "thaws": 0,
+        "thaws_under_load": 0,
+        "last_thaw_age_s": None,
+        "last_thaw_ms": 0.0,
+        "last_thaw_freed": 0,
+    }
+    for k in range(3600):  # an hour of writes: one thaw, under load
+        clock.t += 1.0
+        p.tick(k)
+    clock.t += 700  # then idle: the next tick thaws again, not under load
+    p.tick(3599)
+    clock.t += 12.5
+    st = p.status()
+    assert (st["thaws"], st["thaws_under_load"]) == (2, 1)
+    assert st["last_thaw_age_s"] == 12.5 and st["last_thaw_freed"] == 7

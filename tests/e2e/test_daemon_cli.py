@@ -225,7 +225,10 @@ def test_every_verb_against_a_live_daemon(site: Path, daemons: list[Daemon]) -> 
     second = cdp(cfg, "daemon", check=1)
     assert second.err.startswith(f"Error: another cdp daemon (pid {d.proc and d.proc.pid}) is")
     assert "is using state_dir" in second.err
-    assert d.proc is not None and d.status()["daemon"]["pid"] == d.proc.pid
+    st = d.status()["daemon"]
+    assert d.proc is not None and st["pid"] == d.proc.pid
+    # the service runs the collector policy: start-up's objects are frozen, none thawed yet
+    assert st["gc"]["frozen_objects"] > 0 and st["gc"]["thaws"] == 0
 
     assert d.stop() == 0
     assert "Traceback" not in d.log()
