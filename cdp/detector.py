@@ -147,6 +147,7 @@ class _Event:
 PAGE = 256  # blocks per page of a volume's class map (1 MiB of volume)
 UNSEEN = 255  # a class no sample yields (ratio_class stops at 254): ask ``prior``
 SPREAD = 4  # samples of a long write before it is trusted to be of one kind
+_LEARNED = bytes([EMPTY] + [UNSEEN] * 255)  # a written_blocks map byte -> its class
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +255,37 @@ class GroupDetector:
                 if d is not None:
                     out.append(d)
         return out
+
+    def unknown_pages(self, records: Iterable[Observed]) -> list[tuple[str, int, int]]:
+        """``(volume, page, seq)`` for each class page that a write among ``records``
+        touches and the detector holds nothing of (new to it, or forgotten), with the seq
+        just before the first such write: ``learn_page`` takes the journal's map of that
+        page as of that seq. Every record up to it has been observed or is in ``records``
+        ahead of that write, so the map is right for each block's first write after it.
+        """
+        out: list[tuple[str, int, int]] = []
+        asked: set[tuple[str, int]] = set()
+        span = BLOCK * PAGE
+        for r in records:
+            if not isinstance(r, (Write, WriteRecord)) or r.data is None:
+                continue
+            if r.volume in self.excluded:
+                continue
+            pages = self.pages.get(r.volume, {})
+            for p in range(r.offset // span, (r.offset + r.length - 1) // span + 1):
+                if p not in pages and (r.volume, p) not in asked:
+                    asked.add((r.volume, p))
+                    out.append((r.volume, p, r.seq - 1))
+        return out
+
+    def learn_page(self, volume: str, page: int, written: bytes) -> None:
+        """Take the journal's map of one page, a byte per block (1: may hold data): blocks
+        that never held data are ``EMPTY`` at once, so the first write into empty space
+        costs no ``prior`` read; the others stay unseen until one. A page known by now,
+        or a map that is not a whole page, is left alone.
+        """
+        if len(written) == PAGE and page not in self.pages.get(volume, {}):
+            self._put(volume, page * PAGE, written.translate(_LEARNED))
 
     def needs(self, records: Iterable[Observed]) -> list[tuple[str, int, int, int]]:
         """The ``prior`` reads that ``observe(records)`` will make, as ``(volume, offset,

@@ -6,6 +6,9 @@ with the ring's memfd passed down and its stdin/stdout as the control channel: f
 
 * ``hello`` (daemon -> worker, first): detector config, chunk size, excluded volumes, and
   ``after``, the last seq already scored (the worker ignores records at or before it);
+* ``map`` (answered with ``maps``): for each 1 MiB page of a volume the detector holds
+  nothing of, a byte per 4 KiB block saying whether it may hold data as of a seq, so that
+  blocks never written need no ``prior`` (a fresh volume, or any volume after a restart);
 * ``prior`` (worker -> daemon, answered with ``data``): what ranges held before a write,
   for blocks the detector has not seen, all of one batch in one round trip;
 * ``back`` (answered with ``recs`` and ``last``): records after a seq, read back from the
@@ -29,7 +32,7 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from cdp.detector import DetectorConfig, GroupDetector, Observed
+from cdp.detector import BLOCK, PAGE, DetectorConfig, GroupDetector, Observed
 from cdp.detector_feed import Gap, Ring, RingReader
 from cdp.gc_policy import GcPolicy
 from journal import Record, WriteRecord, ZeroRecord
@@ -165,6 +168,13 @@ class Worker:
     def _score(self, recs: list[Observed]) -> None:
         if not recs:
             return
+        pages = self.det.unknown_pages(recs)
+        if pages:  # one question a MiB: blocks never written need no prior read
+            step = PAGE * BLOCK
+            spans_p = [[v, p * step, step, s] for v, p, s in pages]
+            maps = self._ask({"t": "map", "spans": spans_p})["maps"]
+            for (v, p, _), m in zip(pages, maps, strict=True):
+                self.det.learn_page(v, p, m)
         spans = self.det.needs(recs)
         if spans:
             data = self._ask({"t": "prior", "spans": spans})["data"]

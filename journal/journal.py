@@ -903,6 +903,19 @@ class Journal:
                 self._check_point(at)
             return self._vol(volume).holds_data(offset, length, at)
 
+    def written_blocks(self, volume: str, offset: int, length: int, at: int, block: int) -> bytes:
+        """``holds_data`` of each ``block`` bytes of [offset, offset+length) as of seq
+        ``at``, one byte each (1: may hold data; 0: surely reads as zeros); ``offset`` and
+        ``length`` are multiples of ``block``.
+        """
+        if block <= 0 or offset % block or length % block or offset < 0 or length < 0:
+            raise ValueError(f"range [{offset}, +{length}) is not in whole {block}-byte blocks")
+        self._check_point(at)
+        with self._map_lock:
+            if at < self.base_seq:  # folded between the check and the lock
+                self._check_point(at)
+            return bytes(self._vol(volume).written_blocks(offset, length, at, block))
+
     def volume_size(self, volume: str) -> int:
         """The volume's current size (a resize is a volume record; history keeps old reads)."""
         return self._vol(volume).size

@@ -169,6 +169,34 @@ class VolumeMap:
                     return True
         return False
 
+    def written_blocks(self, offset: int, length: int, at_seq: int, block: int) -> bytearray:
+        """One byte per ``block`` bytes of [offset, offset+length): 1 where ``holds_data``
+        of that block would say True, else 0, in one pass over the range's chunks.
+
+        ``offset`` and ``length`` are multiples of ``block``. Lets a reader learn a whole
+        region at once (the detector, a MiB per question) instead of a block at a time.
+        """
+        out = bytearray(length // block)
+        end = offset + length
+        cs = self.chunk_size
+        for c in self.chunk_range(offset, length):
+            c0, c1 = max(offset, c * cs), min(end, (c + 1) * cs)
+            spans: list[tuple[int, int]] = []
+            if c in self.base:
+                spans.append((c0, c1))
+            else:
+                lst = self.chunks.get(c)
+                for k in range(bisect_right(lst, at_seq, key=_seq_key) if lst else 0):
+                    e = lst[k]  # type: ignore[index]
+                    if e.src is not None:
+                        a, z = max(e.offset, c0), min(e.offset + e.length, c1)
+                        if a < z:
+                            spans.append((a, z))
+            for a, z in spans:
+                b0, b1 = (a - offset) // block, (z - 1 - offset) // block + 1
+                out[b0:b1] = b"\x01" * (b1 - b0)
+        return out
+
     def read_into(self, out: memoryview, offset: int, at_seq: int, cache: BlockCache) -> None:
         """Fill ``out`` (zeroed by the caller) with bytes [offset, offset+len(out)) as of seq.
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import msgpack
 
 from cdp.daemon.quarantine import Quarantine, pin_clean_point
-from cdp.detector import Detection, DetectorConfig
+from cdp.detector import BLOCK, Detection, DetectorConfig
 from cdp.detector_feed import DEFAULT_CAPACITY, Ring, RingWriter
 from cdp.detector_worker import FRAME_LEN, MAX_FRAME, encode_records, frame
 from journal import Journal, JournalError, PointNotRetained, Record, WriteRecord
@@ -191,6 +191,8 @@ async def _handle(
     t = msg.get("t")
     if t == "prior":
         return {"data": await asyncio.to_thread(_priors, j, msg["spans"])}
+    if t == "map":
+        return {"maps": await asyncio.to_thread(_maps, j, msg["spans"])}
     if t == "back":
         return await asyncio.to_thread(_read_back, j, server, int(msg["after"]),
                                        int(msg["upto"]))  # fmt: skip
@@ -222,6 +224,25 @@ def _priors(j: Journal, spans: list[list[Any]]) -> list[bytes]:
                 out.append(j.read(vol, off, n, seq))
         except (JournalError, KeyError, ValueError):  # folded, closed, volume gone
             out.append(b"")
+    return out
+
+
+def _maps(j: Journal, spans: list[list[Any]]) -> list[bytes]:
+    """Per range, a byte per 4 KiB block: 1 where it may hold data as of its seq, 0 where it
+    reads as zeros (``_priors`` takes not retained, folded meanwhile and unknown volumes as
+    empty space; so does this)."""
+    out: list[bytes] = []
+    first = int(j.window().first_seq)
+    for vol, off, n, seq in spans:
+        try:
+            size = j.volume_size(vol)
+            inside = max(0, min(n, size - off + BLOCK - 1)) // BLOCK * BLOCK
+            got = b""
+            if seq >= first and inside:
+                got = j.written_blocks(vol, off, inside, seq, BLOCK)
+        except (JournalError, KeyError, ValueError):
+            got = b""
+        out.append(got + bytes(n // BLOCK - len(got)))  # past the end: never written
     return out
 
 

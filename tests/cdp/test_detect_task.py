@@ -46,10 +46,19 @@ def _worker_pids() -> list[int]:
 
 
 async def _run(
-    tmp_path: Path, size: int = 32 * MIB, kill_worker: bool = False, reopen: bool = False
+    tmp_path: Path,
+    size: int = 32 * MIB,
+    kill_worker: bool = False,
+    reopen: bool = False,
+    before: int = 0,
 ) -> tuple[Any, Journal, int]:
+    """Documents written, then encrypted in place; ``before``: MiB of the documents
+    written before the detector starts (the worker then knows nothing of them)."""
     j = Journal.open(str(tmp_path / "j"))
     j.add_volume("v", size)
+    rng = random.Random(1)
+    for k in range(before):
+        j.write("v", k * MIB, _text(rng, MIB))
     g = SimpleNamespace(
         name="g", journal=j, volumes=[SimpleNamespace(name="v", detect=True)],
         detector=None, quarantines=[],
@@ -63,10 +72,9 @@ async def _run(
     task = asyncio.create_task(Daemon._detect(d, g, stop))  # type: ignore[arg-type]
     while g.detector is None or j._tap is None:  # noqa: ASYNC110 (the task's own state)
         await asyncio.sleep(0.01)
-    rng = random.Random(1)
     if size % 4096:  # the partial last block first: its prior must stop at the end
         j.write("v", size - 1000, _text(rng, 1000))
-    for k in range(8):  # documents
+    for k in range(before, 8):  # documents
         j.write("v", k * MIB, _text(rng, MIB))
     await asyncio.sleep(0.5)
     if reopen:  # as the daemon's repair does after a journal failure
@@ -102,6 +110,51 @@ async def test_the_tap_feeds_the_detector(tmp_path: Path) -> None:
     g, j, first = await _run(tmp_path)
     assert len(g.quarantines) == 1
     assert g.quarantines[0].detection.first_seq == first
+    j.close()
+
+
+def _count_questions(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[list[Any]]]:
+    """The spans the worker asks the daemon about, by kind (``prior`` reads, ``map``s)."""
+    asked: dict[str, list[list[Any]]] = {"prior": [], "map": []}
+    priors, maps = detect._priors, detect._maps
+
+    def count_priors(j: Journal, spans: list[list[Any]]) -> list[bytes]:
+        asked["prior"] += spans
+        return priors(j, spans)
+
+    def count_maps(j: Journal, spans: list[list[Any]]) -> list[bytes]:
+        asked["map"] += spans
+        return maps(j, spans)
+
+    monkeypatch.setattr(detect, "_priors", count_priors)
+    monkeypatch.setattr(detect, "_maps", count_maps)
+    return asked
+
+
+async def test_writes_into_space_never_written_need_no_prior_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One map a MiB tells the worker which blocks never held data: the documents go into
+    empty space and their encryption over blocks it has seen since, so it reads nothing."""
+    asked = _count_questions(monkeypatch)
+    g, j, first = await _run(tmp_path)
+    assert len(g.quarantines) == 1 and g.quarantines[0].detection.first_seq == first
+    assert asked["prior"] == []
+    assert sorted({off // MIB for _, off, _, _ in asked["map"]}) == list(range(8))
+    j.close()
+
+
+async def test_blocks_written_before_the_worker_started_are_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The map says these may hold data: the worker reads them (as of just before their
+    first write it sees), and still catches their encryption."""
+    asked = _count_questions(monkeypatch)
+    g, j, first = await _run(tmp_path, before=3)
+    assert len(g.quarantines) == 1 and g.quarantines[0].detection.first_seq == first
+    read = sorted({off // MIB for _, off, _, _ in asked["prior"]})
+    assert read == [0, 1, 2]  # the three documents it had not seen, and nothing else
+    assert sum(n for _, _, n, _ in asked["prior"]) == 3 * MIB  # each block once
     j.close()
 
 
