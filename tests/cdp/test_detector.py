@@ -308,3 +308,27 @@ def test_a_mixed_copy_over_dead_text_does_not_alarm() -> None:
         for k in range(20)
     ]
     assert len(det.observe(mostly)) == 1
+
+
+def test_a_learned_page_spares_reads_only_where_the_map_says_empty() -> None:
+    """``learn_page`` (the worker's map of a MiB): blocks marked empty cost no ``prior``
+    read, blocks marked written are still read, and a short map or a page already known
+    is left alone."""
+    reads: list[tuple[int, int]] = []
+
+    def prior(volume: str, offset: int, length: int, seq: int) -> bytes:
+        reads.append((offset, length))
+        return bytes(length)
+
+    det = GroupDetector(64 << 10, DetectorConfig(), prior)
+    rec = WriteRecord(5, 1, "v", 0, 4 * BLOCK, os.urandom(4 * BLOCK))
+    assert det.unknown_pages([rec]) == [("v", 0, 4)]
+    det.learn_page("v", 0, b"\x00\x01" + bytes(254))
+    det.learn_page("v", 1, b"\x00" * 10)  # not a whole page: ignored
+    assert det.unknown_pages([WriteRecord(6, 1, "v", 256 * BLOCK, BLOCK, b"x" * BLOCK)]) == [
+        ("v", 1, 5)
+    ]
+    det.observe([rec])
+    assert reads == [(BLOCK, BLOCK)]  # only the block the map said may hold data
+    det.learn_page("v", 0, bytes(256))  # known by now: a later map does not reset it
+    assert det.block_class("v", 0) is not None and det.block_class("v", 0) != 0
