@@ -104,6 +104,7 @@ class RingWriter:
         self.failed = 0  # batches the tap could not place (a bug): read back like drops
         self.closed = False
         self._lock = threading.Lock()  # the tap runs wherever write_many is called
+        self._names: dict[str, bytes] = {}
 
     def close(self) -> None:
         """No tap places anything after this returns (the ring may then be unmapped)."""
@@ -116,6 +117,73 @@ class RingWriter:
             self.gap = True
 
     def tap(self, recs: list[Record], ops: Sequence[WriteOp]) -> None:
+        if not recs:
+            return
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                if not self._place_direct(recs, ops):
+                    parts, need = self._parts(recs, ops)
+                    self._place(parts, need, int(recs[0].seq) - 1, int(recs[-1].seq))
+            except Exception:  # never fail a write that is journaled already
+                self.gap, self.failed = True, self.failed + 1
+
+    def _name(self, volume: str) -> bytes | None:
+        """The volume's name as the ring holds it, None for an excluded volume."""
+        b = self._names.get(volume)
+        if b is None and volume not in self.excluded:
+            b = self._names[volume] = volume.encode()
+        return b
+
+    def _place_direct(self, recs: list[Record], ops: Sequence[WriteOp]) -> bool:
+        """The common case in one pass: no gap to announce and room for the whole batch
+        before the ring wraps, so each record is packed straight into the ring (no
+        intermediate bytes per record: at 4 KiB this halved the tap's cost, which is paid
+        on the NBD loop for every write). False: nothing placed, use ``_place``."""
+        if self.gap:
+            return False
+        r = self.ring
+        head, cap = r._head(), r.capacity
+        at = head % cap
+        room = min(cap - (head - r._tail()), cap - at)
+        need = 0
+        for op in ops:
+            data = op[1]
+            need += _REC.size + 64 + (len(data) if data is not None else 0)
+        if need > room:  # names longer than 64 bytes are counted again below
+            return False
+        mm, buf, pack, size = r._mm, r._buf, _REC.pack_into, _REC.size
+        pos = HEADER + at
+        limit = pos + room
+        for rec, op in zip(recs, ops, strict=True):
+            if isinstance(rec, WriteRecord):
+                kind, data = WRITE, op[1]
+            elif isinstance(rec, ZeroRecord):
+                kind, data = (TRIM if rec.trim else ZERO), None
+            else:
+                continue
+            name = self._name(rec.volume)
+            if name is None:
+                continue
+            nl = len(name)
+            n = len(data) if data is not None else 0
+            if pos + size + nl + n > limit:
+                return False  # head not published: what was packed here is unseen
+            pack(mm, pos, kind, rec.seq, rec.ts, rec.offset, rec.length, nl)
+            pos += size
+            buf[pos : pos + nl] = name
+            pos += nl
+            if data is not None:
+                buf[pos : pos + n] = data
+                pos += n
+        self.delivered = int(recs[-1].seq)
+        _IDX.pack_into(mm, 0, head + pos - HEADER - at)  # publish
+        return True
+
+    def _parts(
+        self, recs: list[Record], ops: Sequence[WriteOp]
+    ) -> tuple[list[tuple[bytes, bytes | memoryview | None]], int]:
         parts: list[tuple[bytes, bytes | memoryview | None]] = []
         need = 0
         for rec, op in zip(recs, ops, strict=True):
@@ -132,16 +200,7 @@ class RingWriter:
                 head = _REC.pack(kind, rec.seq, rec.ts, rec.offset, rec.length, len(name))
                 parts.append((head + name, None))
                 need += len(head) + len(name)
-        if not recs:
-            return
-        last = int(recs[-1].seq)
-        with self._lock:
-            if self.closed:
-                return
-            try:
-                self._place(parts, need, int(recs[0].seq) - 1, last)
-            except Exception:  # never fail a write that is journaled already
-                self.gap, self.failed = True, self.failed + 1
+        return parts, need
 
     def flush_gap(self, upto: int) -> None:
         """Place a pending gap now (the daemon calls it when writes pause)."""

@@ -35,7 +35,7 @@ import zstandard
 from .errors import BlockCorrupt, BlockMissing
 from .index import BlockLocation, Index
 from .storage import File, Storage
-from .types import BlockId, BlockRef
+from .types import BlockId, BlockRef, new_block_ref
 
 T = TypeVar("T")
 
@@ -401,10 +401,10 @@ class BlockStore:
             for k, b in enumerate(ids):
                 loc = self._pending.get(b)
                 if loc is not None:
-                    refs.append(BlockRef(b, len(chunks[k]), loc[0], loc[1]))
+                    refs.append(new_block_ref(b, len(chunks[k]), loc[0], loc[1]))
                 else:
                     old = known[b]
-                    refs.append(BlockRef(b, len(chunks[k]), old.pack, old.offset))
+                    refs.append(new_block_ref(b, len(chunks[k]), old.pack, old.offset))
         return refs
 
     def _append_entries(

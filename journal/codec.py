@@ -18,6 +18,8 @@ from .types import (
     VolumeRecord,
     WriteRecord,
     ZeroRecord,
+    new_block_ref,
+    new_write,
 )
 
 T_WRITE = 1
@@ -121,11 +123,11 @@ def decode(payload: bytes | memoryview, *, copy: bool = True) -> Record:
             if isinstance(body, bytes):
                 if len(body) != length:
                     raise DecodeError("write data length does not match header")
-                return WriteRecord(seq, ts, vol, off, length, body, (), wall)
-            refs = tuple(BlockRef(BlockId(b[0]), b[1], b[2], b[3]) for b in body)
+                return new_write(seq, ts, vol, off, length, body, (), wall)
+            refs = tuple(new_block_ref(BlockId(b[0]), b[1], b[2], b[3]) for b in body)
             if sum(r.length for r in refs) != length:
                 raise DecodeError("block refs do not cover the write length")
-            return WriteRecord(seq, ts, vol, off, length, None, refs, wall)
+            return new_write(seq, ts, vol, off, length, None, refs, wall)
         if kind == T_ZERO:
             _, _, _, _, vol, off, length, trim = obj
             return ZeroRecord(seq, ts, vol, off, length, bool(trim), wall)
@@ -170,7 +172,7 @@ def _decode_inline_write(payload: bytes | memoryview, copy: bool) -> WriteRecord
     ):
         raise DecodeError("malformed write record")
     view = memoryview(payload)[start:]
-    return WriteRecord(Seq(seq), ts, vol, off, length, view.tobytes() if copy else view, (), wall)
+    return new_write(Seq(seq), ts, vol, off, length, view.tobytes() if copy else view, (), wall)
 
 
 def pack_obj(obj: Any) -> bytes:

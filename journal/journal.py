@@ -74,6 +74,7 @@ from .types import (
     Window,
     WriteRecord,
     ZeroRecord,
+    new_write,
 )
 from .volmap import BlockCache, Extent, Inline, VolumeMap
 
@@ -737,7 +738,7 @@ class Journal:
                     n = len(data)
                     head = header(s, ts, wall, volume, off, n)
                     payloads.append([head, data])
-                    rec = WriteRecord(Seq(s), ts, volume, off, n, b"", (), wall)
+                    rec = new_write(Seq(s), ts, volume, off, n, b"", (), wall)
                     end = len(head) + n
                 recs.append(rec)
                 ends.append(end)
