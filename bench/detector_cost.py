@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cdp.daemon.service import _inline  # noqa: E402
+from cdp.daemon.detect import _inline  # noqa: E402
 from cdp.detector import DetectorConfig, GroupDetector  # noqa: E402
 from journal import Journal, JournalOptions  # noqa: E402
 

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 SAMPLE = 1024
 BLOCK = 4096  # file systems allocate in 4 KiB blocks: one class per block
 EMPTY = 0  # never written, zeroes or trimmed: filling it with anything is ordinary
+UNSEEN = 255  # a class no sample yields (ratio_class stops at 254): ask ``prior``
 Sensitivity = Literal["low", "normal", "high"]
 
 
@@ -121,16 +122,33 @@ class Write:
 Observed = Record | Write
 
 
+def _class_of(stored: int, n: int) -> int:
+    return max(1, min(UNSEEN - 1, round(stored / n * 250)))
+
+
+# The class of a full sample by its compressed size: the same arithmetic, done once. The
+# worker classifies one sample per guest write, so each step here is paid 20,000 times a
+# second; the table, the comparison with zeroes (a memcmp, against a count of every byte)
+# and compressing the view without a copy took a fifth off ``ratio_class``
+# (docs/benchmarks.md).
+_FULL_CLASS = bytes(_class_of(k, SAMPLE) for k in range(2 * SAMPLE))
+_ZEROES = bytes(SAMPLE)
+
+
 def ratio_class(sample: bytes | memoryview, cctx: zstandard.ZstdCompressor) -> int:
     """1..254 for the sample's zstd ratio (x250: room above 1.0 for incompressible frames).
 
     EMPTY for zeroes: filling empty space is never suspicious.
     """
-    b = bytes(sample)
-    if not b or b.count(0) == len(b):
+    if isinstance(sample, memoryview) and (sample.format != "B" or not sample.contiguous):
+        sample = bytes(sample)
+    n = len(sample)
+    if not n or sample == (_ZEROES if n == SAMPLE else bytes(n)):
         return EMPTY
-    r = len(cctx.compress(b)) / len(b)
-    return max(1, min(UNSEEN - 1, round(r * 250)))  # tiny samples pass 1.02: not UNSEEN
+    stored = len(cctx.compress(sample))
+    if n == SAMPLE and stored < len(_FULL_CLASS):
+        return _FULL_CLASS[stored]
+    return _class_of(stored, n)  # tiny samples pass 1.02: not UNSEEN
 
 
 @dataclass(slots=True)
@@ -145,7 +163,6 @@ class _Event:
 
 
 PAGE = 256  # blocks per page of a volume's class map (1 MiB of volume)
-UNSEEN = 255  # a class no sample yields (ratio_class stops at 254): ask ``prior``
 SPREAD = 4  # samples of a long write before it is trusted to be of one kind
 _LEARNED = bytes([EMPTY] + [UNSEEN] * 255)  # a written_blocks map byte -> its class
 

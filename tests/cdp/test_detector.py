@@ -8,10 +8,24 @@ volume, as the journal would give it.
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 
-from cdp.detector import BLOCK, Detection, DetectorConfig, GroupDetector
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cdp.detector import (
+    BLOCK,
+    EMPTY,
+    SAMPLE,
+    UNSEEN,
+    Detection,
+    DetectorConfig,
+    GroupDetector,
+    ratio_class,
+)
 from journal import Record, WriteRecord, ZeroRecord
 
 SEC = 10**9
@@ -332,3 +346,63 @@ def test_a_learned_page_spares_reads_only_where_the_map_says_empty() -> None:
     assert reads == [(BLOCK, BLOCK)]  # only the block the map said may hold data
     det.learn_page("v", 0, bytes(256))  # known by now: a later map does not reset it
     assert det.block_class("v", 0) is not None and det.block_class("v", 0) != 0
+
+
+def _reference_class(sample: bytes, cctx: zstandard.ZstdCompressor) -> int:
+    """ratio_class as first written, before the table and the memcmp."""
+    b = bytes(sample)
+    if not b or b.count(0) == len(b):
+        return EMPTY
+    r = len(cctx.compress(b)) / len(b)
+    return max(1, min(UNSEEN - 1, round(r * 250)))
+
+
+_samples = st.one_of(
+    st.binary(min_size=SAMPLE, max_size=SAMPLE),
+    st.binary(max_size=SAMPLE),
+    st.builds(lambda n, k: bytes(n) + b"\x01" * k, st.integers(0, SAMPLE), st.integers(0, 2)),
+    st.builds(
+        lambda t, n: (t * (SAMPLE // max(1, len(t)) + 1))[:n],
+        st.binary(min_size=1, max_size=40),
+        st.integers(1, SAMPLE),
+    ),
+)
+
+
+@given(_samples)
+def test_ratio_class_is_the_reference_arithmetic_on_bytes_and_views(sample: bytes) -> None:
+    cctx = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=False)
+    want = _reference_class(sample, cctx)
+    assert ratio_class(sample, cctx) == want
+    assert ratio_class(memoryview(sample), cctx) == want
+    padded = memoryview(b"\xff" + sample + b"\xff")[1 : 1 + len(sample)]  # a slice, as the worker's
+    assert ratio_class(padded, cctx) == want
+
+
+def test_ratio_class_reads_a_view_of_shared_memory_and_odd_views() -> None:
+    cctx = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=False)
+    mm = mmap.mmap(-1, 3 * SAMPLE)
+    mm[SAMPLE : 2 * SAMPLE] = os.urandom(SAMPLE // 2) * 2
+    view = memoryview(mm)
+    zeros, data = view[:SAMPLE], view[SAMPLE : 2 * SAMPLE]
+    strided = view[SAMPLE : 3 * SAMPLE : 2]  # not contiguous: copied, same answer
+    assert ratio_class(zeros, cctx) == EMPTY
+    got = ratio_class(data, cctx)
+    assert got == _reference_class(mm[SAMPLE : 2 * SAMPLE], cctx) and 0 < got < UNSEEN
+    assert ratio_class(strided, cctx) == _reference_class(bytes(strided), cctx)
+    for v in (zeros, data, strided, view):
+        v.release()
+    mm.close()
+
+
+def test_ratio_class_over_every_compressibility_of_a_full_sample() -> None:
+    """Samples from all zeroes to all random, a byte at a time: their compressed sizes
+    sweep the table's whole used range, and each class is the reference arithmetic."""
+    cctx = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=False)
+    noise = random.Random(5).randbytes(SAMPLE)
+    sizes = set()
+    for k in range(SAMPLE + 1):
+        sample = noise[:k] + bytes(SAMPLE - k)
+        sizes.add(len(cctx.compress(sample)))
+        assert ratio_class(memoryview(sample), cctx) == _reference_class(sample, cctx), k
+    assert len(sizes) > 400  # the sweep did reach most of the used range (19 .. ~1040)
