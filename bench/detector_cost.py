@@ -6,7 +6,8 @@ A real journal gets random 4 KiB writes of random data over a 1 GiB volume; then
 process, CPU time per record of: ``GroupDetector.observe`` with ``prior`` reading the
 journal (the daemon's case: every block is seen for the first time), the same with an
 empty ``prior`` (scoring alone), and ``Journal.read_durable`` of the same records (what
-the detector did before the journal's tap handed it the writes). Scratch under
+the detector did before the journal's tap handed it the writes); and ``ratio_class``
+alone, on 1 KiB views of the written data (the worker samples views of its ring). Scratch under
 ``bench/out/`` (gitignored), removed at the end.
 """
 
@@ -19,13 +20,14 @@ import shutil
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cdp.daemon.detect import _inline  # noqa: E402
-from cdp.detector import DetectorConfig, GroupDetector  # noqa: E402
+from cdp.detector import SAMPLE, DetectorConfig, GroupDetector, ratio_class  # noqa: E402
 from journal import Journal, JournalOptions  # noqa: E402
 
 
@@ -66,6 +68,15 @@ def main() -> int:
         print(f"  observe, prior from the journal (first sight of every block): {a:.1f}")
         print(f"  observe, empty prior (scoring alone):                          {b:.1f}")
         print(f"  read_durable of the same records (the read-back the tap saves): {c:.1f}")
+        det = GroupDetector(opts.chunk_size, DetectorConfig(), lambda *x: b"")
+        view = memoryview(data)
+        samples = [view[k * 4096 : k * 4096 + SAMPLE] for k in range(64)]
+        best = min(
+            timeit.timeit(lambda: [ratio_class(x, det._cctx) for x in samples], number=500)
+            for _ in range(5)
+        )
+        us = best / 32_000 * 1e6
+        print(f"  ratio_class of one 1 KiB sample (best of 5):                   {us:.2f}")
         j.close()
     finally:
         shutil.rmtree(d, ignore_errors=True)
