@@ -140,7 +140,9 @@ def ratio_class(sample: bytes | memoryview, cctx: zstandard.ZstdCompressor) -> i
 
     EMPTY for zeroes: filling empty space is never suspicious.
     """
-    if isinstance(sample, memoryview) and (sample.format != "B" or not sample.contiguous):
+    if isinstance(sample, memoryview) and (
+        sample.ndim != 1 or sample.format != "B" or not sample.contiguous
+    ):  # len() would count items, not bytes
         sample = bytes(sample)
     n = len(sample)
     if not n or sample == (_ZEROES if n == SAMPLE else bytes(n)):

@@ -406,3 +406,12 @@ def test_ratio_class_over_every_compressibility_of_a_full_sample() -> None:
         sizes.add(len(cctx.compress(sample)))
         assert ratio_class(memoryview(sample), cctx) == _reference_class(sample, cctx), k
     assert len(sizes) > 400  # the sweep did reach most of the used range (19 .. ~1040)
+
+
+def test_ratio_class_of_views_whose_length_is_not_their_bytes() -> None:
+    """A view of 4-byte items or of two dimensions: classed by its bytes, as a copy is."""
+    cctx = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=False)
+    raw = random.Random(9).randbytes(SAMPLE // 2) + bytes(SAMPLE // 2)
+    want = _reference_class(raw, cctx)
+    assert ratio_class(memoryview(raw).cast("I"), cctx) == want
+    assert ratio_class(memoryview(raw).cast("B", (2, SAMPLE // 2)), cctx) == want

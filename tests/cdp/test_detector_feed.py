@@ -191,3 +191,24 @@ def test_the_direct_path_and_the_general_one_place_the_same_records() -> None:
         assert w.failed == 0
         del it
         ring.close()
+
+
+def test_the_direct_path_never_writes_over_what_the_reader_has_not_taken() -> None:
+    """Room before the wrap is not room: the free space counts the reader's tail too."""
+    ring = Ring.create(capacity=3 * BLOCK + 200)
+    w, r = RingWriter(ring, after=0), RingReader(ring)
+    data = {s: os.urandom(BLOCK) for s in range(1, 6)}
+    for s in (1, 2, 3):
+        w.tap([_w(s, 0, data[s])], [(0, data[s], BLOCK, False)])
+    first = r.take(max_bytes=1)
+    assert [x.seq for x in first] == [1]  # type: ignore[union-attr]
+    del first
+    r.release()
+    for s in (4, 5):  # 4 wraps; 5 finds about 100 bytes free, though 8 KiB lie before the wrap
+        w.tap([_w(s, 0, data[s])], [(0, data[s], BLOCK, False)])
+    assert w.dropped == 1
+    out = r.take()
+    assert [getattr(x, "seq", None) for x in out] == [2, 3, 4]
+    assert all(isinstance(x, Write) and bytes(x.data) == data[x.seq] for x in out)
+    del out
+    ring.close()
