@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import NewType
+from typing import NewType, Protocol
 
 Seq = NewType("Seq", int)
 BlockId = NewType("BlockId", bytes)  # SHA-256 of the uncompressed block, 32 bytes
@@ -60,7 +60,15 @@ def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[object, o
 # for a WriteRecord, paid on the NBD loop once per guest write, and 0.7 µs for a BlockRef,
 # paid once per block when sealing. These build equal objects for about half that
 # (docs/benchmarks.md); for hot paths only.
-def _write_builder() -> Callable[..., WriteRecord]:
+class _NewWrite(Protocol):
+    def __call__(
+        self, seq: Seq, ts: int, volume: str, offset: int, length: int,
+        data: bytes | memoryview | None, refs: tuple[BlockRef, ...] = ...,
+        wall: int | None = ...,
+    ) -> WriteRecord: ...  # fmt: skip
+
+
+def _write_builder() -> _NewWrite:
     s0, s1, s2, s3, s4, s5, s6, s7 = _slot_setters(
         WriteRecord, ("seq", "ts", "volume", "offset", "length", "data", "refs", "wall")
     )
