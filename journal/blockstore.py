@@ -459,6 +459,8 @@ class BlockStore:
                 self._failed = e
                 raise
             just = dict(self._pending_sizes)
+            for n, size in just.items():
+                self._files[n].forget(size)  # durable now; see OsFile.forget
             self._synced_sizes.update(just)
             self._pending_sizes.clear()
             if not self._synced_sizes:

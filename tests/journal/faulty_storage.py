@@ -174,6 +174,12 @@ class FaultyFile:
             st._sync_inode(self._ino)
             st._end("sync", self.path)
 
+    def forget(self, upto: int) -> None:
+        """A caching hint: the simulated disk has no page cache to drop, and content is unchanged.
+
+        Not an operation of the crash schedule, so adding calls to it moves no crash point.
+        """
+
     def truncate(self, size: int) -> None:
         st, ino = self._st, self._ino
         with st._lock:
