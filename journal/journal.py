@@ -113,6 +113,7 @@ class _Seg:
 
 
 _SEAL_BATCH = 4096  # pieces per block-store call when sealing
+_PREP_AHEAD = 2  # rolled segments prepared (hashed, compressed) ahead of the sealer
 _Writes = list[tuple[WriteRecord, memoryview]]  # inline writes of a segment, with their data
 
 
@@ -182,8 +183,10 @@ class Journal:
         self._tail: tuple[int, int, SegmentWriter | None] = (0, 0, None)
         self._note_durable = -1  # a segment whose roll fsync is done, not yet noted
         self._roller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-roll")
-        self._prepper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-prep")
-        self._prep: tuple[int, Future[_SealPrep]] | None = None  # next segment, read ahead
+        self._prepper = ThreadPoolExecutor(
+            max_workers=_PREP_AHEAD, thread_name_prefix="journal-prep"
+        )
+        self._preps: dict[int, Future[_SealPrep]] = {}  # next segments, read ahead
         self._ts = array("q")  # journal time of seq base_seq+1+i
         self.base_seq = 0
         self.base_ts = 0
@@ -1642,22 +1645,31 @@ class Journal:
         return recs, writes
 
     def _take_prep(self, seg: _Seg) -> _SealPrep:
-        """The prep thread's work for ``seg`` if it ran ahead, else the same done here."""
-        ahead, self._prep = self._prep, None
-        if ahead is not None and ahead[0] == seg.no:
+        """The prep threads' work for ``seg`` if it ran ahead, else the same done here."""
+        ahead = self._preps.pop(seg.no, None)
+        for no in [n for n in self._preps if n < seg.no]:  # sealed by another way: stale
+            self._preps.pop(no)
+        if ahead is not None:
             try:
-                return ahead[1].result()
+                return ahead.result()
             except Exception:
                 pass  # whatever the prep hit is hit again below, where fail-stop handles it
         return self._prepare_seal(seg, compute=False)
 
     def _prep_next(self, seg: _Seg) -> None:
-        """Start preparing the segment queued after ``seg``, if it is rolled already."""
+        """Start preparing the segments queued after ``seg`` that are rolled already.
+
+        Two at a time, on two prep threads: each hashes and compresses in slices with a
+        barrier at its end, and the second keeps the pool fed through the first one's
+        barriers and through the sealer's writes and fsyncs.
+        """
         with self._append_lock:
             if len(self._unsealed) < 2 or self._unsealed[0] != seg.no:
                 return
-            nxt = next(s for s in self.segs if s.no == self._unsealed[1])
-        self._prep = (nxt.no, self._prepper.submit(self._prepare_seal, nxt, True))
+            wanted = [n for n in list(self._unsealed)[1 : 1 + _PREP_AHEAD] if n not in self._preps]
+            nxt = [s for s in self.segs if s.no in wanted]
+        for s in sorted(nxt, key=lambda s: s.no):
+            self._preps[s.no] = self._prepper.submit(self._prepare_seal, s, True)
 
     def _seal(self, seg: _Seg) -> None:
         assert seg.file is not None
@@ -1962,7 +1974,7 @@ class Journal:
             self.sync()
         self._roller.shutdown(wait=True)
         self._prepper.shutdown(wait=True)  # it reads hot segment files closed below
-        self._prep = None
+        self._preps.clear()
         with self._append_lock:
             self._closed = True
             for s in self.segs:
