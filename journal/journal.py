@@ -1657,16 +1657,19 @@ class Journal:
         return self._prepare_seal(seg, compute=False)
 
     def _prep_next(self, seg: _Seg) -> None:
-        """Start preparing the segments queued after ``seg`` that are rolled already.
+        """Start preparing ``seg``, if nothing has yet, and the rolled segments after it.
 
         Two at a time, on two prep threads: each hashes and compresses in slices with a
         barrier at its end, and the second keeps the pool fed through the first one's
-        barriers and through the sealer's writes and fsyncs.
+        barriers and through the sealer's writes and fsyncs. ``seg`` itself is among them
+        when its roll finished too late to be prepared ahead: the sealer then waits for
+        it while the next one is already being prepared, instead of doing it alone.
         """
         with self._append_lock:
-            if len(self._unsealed) < 2 or self._unsealed[0] != seg.no:
+            if not self._unsealed or self._unsealed[0] != seg.no:
                 return
-            wanted = [n for n in list(self._unsealed)[1 : 1 + _PREP_AHEAD] if n not in self._preps]
+            window = list(self._unsealed)[: 1 + _PREP_AHEAD]
+            wanted = [n for n in window if n not in self._preps]
             nxt = [s for s in self.segs if s.no in wanted]
         for s in sorted(nxt, key=lambda s: s.no):
             self._preps[s.no] = self._prepper.submit(self._prepare_seal, s, True)
@@ -1674,8 +1677,8 @@ class Journal:
     def _seal(self, seg: _Seg) -> None:
         assert seg.file is not None
         hot_path = self._seg_path(seg.no, False)
-        prep = self._take_prep(seg)
         self._prep_next(seg)
+        prep = self._take_prep(seg)
         recs, spans = prep.recs, prep.spans
         refs_all: list[BlockRef] = []
         for k, batch in enumerate(prep.batches):
