@@ -1708,8 +1708,9 @@ class Journal:
             f, seg.file = seg.file, None
             seg.size = len(payloads) and self._file_size(sealed_path)
             f.close()
+        # No folder fsync for the removal: if a crash brings the hot file back, its sealed
+        # copy is there too (renamed durably above), and recovery removes the hot one.
         self.storage.remove(hot_path)
-        self.storage.sync_dir(self.seg_dir)
         self.index.put_segment(_entry(seg), seg.checkpoints)
 
     def _file_size(self, path: str) -> int:
