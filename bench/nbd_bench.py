@@ -215,6 +215,7 @@ def main() -> int:
     )
     try:
         wait_socket(f"{sock_dir}/ours.sock")
+        wait_socket(f"{sock_dir}/api.sock")  # bound just after the export's: do not race it
         wait_socket(f"{sock_dir}/peer.sock")
         # Onboarding compares the whole image with the journal first; jobs start after it.
         t0 = time.monotonic()

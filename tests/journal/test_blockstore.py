@@ -221,3 +221,43 @@ def test_a_bad_entry_inside_fsynced_pack_data_is_not_cut_off_as_a_torn_tail(tmp_
     assert again.damaged == {refs[2].pack: refs[2].pack_offset}
 
     again.close()
+
+
+def test_the_sealer_hashes_and_compresses_on_the_prep_threads_two_segments_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rolled segments are prepared ahead, never by the sealer alone, and read the same."""
+    import threading
+
+    from journal import journal as journal_mod
+
+    calls: list[tuple[int, bool, str]] = []
+    orig = journal_mod.Journal._prepare_seal
+
+    def spy(self: Journal, seg: object, compute: bool) -> object:
+        calls.append((seg.no, compute, threading.current_thread().name))  # type: ignore[attr-defined]
+        return orig(self, seg, compute)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(journal_mod.Journal, "_prepare_seal", spy)
+    j = Journal.open(str(tmp_path / "j"), options=OPTS)
+    try:
+        j.add_volume("vda", 1 << 20)
+        rng = random.Random(5)
+        model = bytearray(1 << 20)
+        for _ in range(60):  # about 20 segments of 24 KiB
+            off = rng.randrange(0, (1 << 20) - 8192)
+            data = rng.randbytes(4096) * 2 if rng.random() < 0.5 else bytes(8192)
+            j.write("vda", off, data)
+            model[off : off + 8192] = data
+        j.sync()
+        rolled = j.status().unsealed_segments
+        assert rolled >= 6
+        assert j.seal_pending(1000) == rolled
+        assert calls, "nothing was prepared"
+        assert all(compute for _, compute, _ in calls), calls  # the sealer never did it alone
+        assert {name.split("_")[0] for _, _, name in calls} == {"journal-prep"}
+        assert len({no for no, _, _ in calls}) == len(calls) == rolled  # each once
+        assert len({name for _, _, name in calls}) == 2  # two at a time
+        assert bytes(j.read("vda", 0, 1 << 20)) == bytes(model)
+    finally:
+        j.close()
