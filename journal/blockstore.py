@@ -709,7 +709,7 @@ class BlockStore:
 
 _SMALL_MISSES = 8  # small blocks in a row that did not compress before trying fewer
 _SMALL_STRIDE = 8  # then one in this many is tried
-_FLUSHES_KEPT = 4  # the sealer prepares one segment ahead: one or two flushes in between
+_FLUSHES_KEPT = 6  # the sealer prepares up to two segments ahead: a few flushes in between
 
 
 def _decompress(bid: bytes, stored: memoryview, raw_len: int, where: str) -> bytes:

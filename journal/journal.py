@@ -1977,7 +1977,8 @@ class Journal:
         if self._failed is None:
             self.sync()
         self._roller.shutdown(wait=True)
-        self._prepper.shutdown(wait=True)  # it reads hot segment files closed below
+        # Preps read hot segment files closed below; queued ones are not worth finishing.
+        self._prepper.shutdown(wait=True, cancel_futures=True)
         self._preps.clear()
         with self._append_lock:
             self._closed = True

@@ -138,7 +138,7 @@ class OsFile:
     def forget(self, upto: int) -> None:
         """Drop the clean cached pages of ``[0, upto)`` (POSIX_FADV_DONTNEED).
 
-        Why: packs and rolled segments are written once and read rarely, yet every byte
+        Why: packs are written once and read rarely, yet every byte
         written takes a page of the page cache, and a page cache that only grows keeps
         claiming pages the machine has not touched yet. In a VM those cost a fault into
         the hypervisor each (measured here: about 2 CPU-s per GB written into new pages
@@ -148,7 +148,7 @@ class OsFile:
         are left alone by the kernel, so this never changes what a read returns.
         """
         end = min(upto, self._size) & ~(_PAGE - 1)
-        if end <= self._forgotten:
+        if end <= self._forgotten or not hasattr(os, "posix_fadvise"):
             return
         # The kernel drops only folios wholly inside the range, and a folio can be larger
         # than a page (up to a PMD, 2 MiB): start a folio's worth before the last mark, so
